@@ -1,0 +1,90 @@
+"""The interface every isolation tier implements, and what the engine hands it.
+
+A tier knows how to start, stop, pause and limit a sandbox. It knows nothing about HTTP,
+secrets or users: the engine prepares the network namespace and the files to show inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from sealbox.guest.client import GuestClient
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether a tier works on this host; ``detail`` says how, or why not."""
+
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    pids: int | None = None
+    disk_bytes: int | None = None
+
+
+@dataclass
+class LaunchSpec:
+    sandbox_id: str
+    netns: str
+    """Name of the network namespace the engine prepared (``/run/netns/NAME``)."""
+    run_dir: Path
+    """Host-side directory private to this sandbox; removed by the engine when it ends."""
+    limits: Limits
+    env: dict[str, str] = field(default_factory=dict)
+    hostname: str = "sealbox"
+    workspace: Path | None = None
+    """Host directory mounted read-write at /workspace; None means a private, size-limited one."""
+    ro_files: dict[str, Path] = field(default_factory=dict)
+    """Sandbox path -> host file shown read-only (resolv.conf, CA bundle, hosts)."""
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a sandbox ended; ``limit`` names the limit that ended it, if one did."""
+
+    code: int | None
+    limit: str | None = None
+    detail: str = ""
+
+
+class RunningSandbox(Protocol):
+    sandbox_id: str
+
+    async def connect(self) -> GuestClient:
+        """Open the guest channel (waits until the guest agent answers)."""
+        ...
+
+    def limit_hit(self) -> str | None:
+        """The limit that killed or throttled something in the sandbox so far ('memory', 'pids')."""
+        ...
+
+    async def wait(self) -> ExitInfo: ...
+
+    async def kill(self) -> None:
+        """End every process of the sandbox and remove what the tier created. Idempotent."""
+        ...
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+
+class Runtime(Protocol):
+    name: str
+    strength: int
+    """Higher is stronger isolation; ``auto`` picks the strongest that probes ok."""
+
+    def probe(self) -> Probe: ...
+
+    async def start(self, spec: LaunchSpec) -> RunningSandbox: ...
+
+    def cleanup_orphans(self, live_ids: set[str]) -> list[str]:
+        """Remove leftovers (cgroups, processes) of sandboxes not in LIVE_IDS; return their ids."""
+        ...
