@@ -61,8 +61,8 @@ class RunningSandbox(Protocol):
         """Open the guest channel (waits until the guest agent answers)."""
         ...
 
-    def limit_hit(self) -> str | None:
-        """The limit that killed or throttled something in the sandbox so far ('memory', 'pids')."""
+    def limit_events(self) -> dict[str, int]:
+        """How often each limit has bitten so far: {'memory': OOM kills, 'pids': refused forks}."""
         ...
 
     async def wait(self) -> ExitInfo: ...

@@ -1,0 +1,31 @@
+"""Installation-wide settings for an engine (embedded in the CLI or behind the server)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sealbox.egress.gateway import ResolvePin
+
+RUN_ROOT = Path("/run/sealbox")
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("SEALBOX_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "sealbox"
+
+
+@dataclass
+class EngineConfig:
+    data_dir: Path = field(default_factory=default_data_dir)
+    max_timeout: float | None = None
+    """Longest sandbox lifetime a caller may ask for; None = no cap."""
+    subnet: str = "10.77.0.0/16"
+    resolve: list[ResolvePin] = field(default_factory=list)
+    upstream_ca: list[Path] = field(default_factory=list)
+    allow_host_workspace: bool = True
+    """Whether a spec may mount a host directory (the server turns this off)."""
+    run_root: Path = RUN_ROOT

@@ -1,0 +1,346 @@
+"""The sandbox lifecycle: spec → create → running → stopped/killed/failed → gone.
+
+The engine wires a sandbox's network namespace to the egress gateway and hands it to a tier.
+Every path that ends a sandbox goes through `_finish`, which removes everything it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets as pysecrets
+import shutil
+import string
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sealbox._sys import netns
+from sealbox._sys.cgroups import Cgroup
+from sealbox.egress.gateway import Gateway, GatewayConfig
+from sealbox.engine.config import EngineConfig
+from sealbox.engine.events import EventLog
+from sealbox.engine.spec import (
+    ExecRequest, ExecResult, SandboxInfo, SandboxSpec, SandboxState, SecretInfo,
+)
+from sealbox.engine.store import Store, now
+from sealbox.engine.units import format_size
+from sealbox.errors import ConfigError, NotFoundError, SandboxError, SandboxGone
+from sealbox.guest.client import ExecHandle, ExitStatus, GuestClient, Output
+from sealbox.runtimes import registry
+from sealbox.runtimes.base import LaunchSpec, Limits, RunningSandbox
+
+NETNS_PREFIX = "sealbox-"
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_id() -> str:
+    # Lowercase letters and digits only, so an id is a valid DNS label for preview URLs.
+    return "sb" + "".join(pysecrets.choice(_ID_ALPHABET) for _ in range(12))
+
+
+def netns_name(sandbox_id: str) -> str:
+    return NETNS_PREFIX + sandbox_id
+
+
+@dataclass
+class _Live:
+    info: SandboxInfo
+    runtime: RunningSandbox
+    guest: GuestClient
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    timer: asyncio.TimerHandle | None = None
+    watcher: asyncio.Task[None] | None = None
+
+
+def describe_limit(limit: str, info: SandboxInfo) -> str:
+    if limit == "memory" and info.memory:
+        return f"out of memory (limit {format_size(info.memory)})"
+    if limit == "pids" and info.pids:
+        return f"process limit reached (limit {info.pids} processes)"
+    if limit == "timeout":
+        return "sandbox timeout reached"
+    return f"{limit} limit reached"
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config.data_dir.chmod(0o700)
+        self.store = Store(self.config.data_dir / "state.db")
+        self.events = EventLog(self.config.data_dir / "logs")
+        self.gateway = Gateway(GatewayConfig(
+            data_dir=self.config.data_dir, subnet=self.config.subnet,
+            resolve=list(self.config.resolve), upstream_ca=list(self.config.upstream_ca),
+        ))
+        self._live: dict[str, _Live] = {}
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        await self.gateway.start()
+        self.reconcile()
+        self._started = True
+
+    async def close(self) -> None:
+        """Kill every sandbox this engine runs. Nothing of them survives."""
+        await asyncio.gather(*(self.kill(i, reason="engine shut down") for i in list(self._live)))
+        await self.gateway.stop()
+        self.store.close()
+        self._started = False
+
+    # ----- reconciliation ---------------------------------------------------------------
+    def reconcile(self) -> list[str]:
+        """Clean up sandboxes whose owning process died (server crash, killed CLI)."""
+        cleaned = []
+        for info in self.store.orphans():
+            self._remove_leftovers(info.id)
+            info.state = SandboxState.killed
+            info.ended_at = now()
+            info.end_reason = "owner process died; cleaned up on restart"
+            self.store.put(info)
+            cleaned.append(info.id)
+        return cleaned
+
+    def _remove_leftovers(self, sandbox_id: str) -> None:
+        cg = Cgroup(sandbox_id)
+        if cg.exists():
+            cg.kill_all()
+            cg.remove()
+        # Deleting the namespace also destroys the veth pair that joined it to the host.
+        netns.delete(netns_name(sandbox_id))
+        shutil.rmtree(self.config.run_root / sandbox_id, ignore_errors=True)
+
+    # ----- lifecycle --------------------------------------------------------------------
+    async def create(self, spec: SandboxSpec, owner: str | None = None) -> SandboxInfo:
+        await self.start()
+        runtime = registry.lookup(spec.runtime)
+        timeout = spec.timeout
+        cap = self.config.max_timeout
+        if cap is not None and (timeout is None or timeout > cap):
+            raise ConfigError(f"timeout exceeds this server's maximum of {cap:g} seconds")
+        workspace: Path | None = None
+        if spec.workspace is not None:
+            if not self.config.allow_host_workspace:
+                raise ConfigError("workspace mounts of host directories are not allowed here")
+            workspace = Path(spec.workspace).resolve()
+            if not workspace.is_dir():
+                raise ConfigError(f"workspace {spec.workspace!r} is not a directory")
+        sandbox_id = new_id()
+        created = now()
+        info = SandboxInfo(
+            id=sandbox_id, state=SandboxState.creating, runtime=runtime.name, created_at=created,
+            expires_at=created + timedelta(seconds=timeout) if timeout else None,
+            allow_net=list(spec.allow_net),
+            secrets={k: SecretInfo(hosts=list(v.hosts)) for k, v in spec.secrets.items()},
+            cpus=spec.cpus, memory=spec.memory, pids=spec.pids, disk=spec.disk,
+            metadata=dict(spec.metadata), owner=owner,
+        )
+        self.store.put(info)
+        run_dir = self.config.run_root / sandbox_id
+        run_dir.mkdir(parents=True, mode=0o711)
+        ns = netns_name(sandbox_id)
+        running: RunningSandbox | None = None
+        try:
+            netns.create(ns)
+            attachment = await self.gateway.attach(
+                sandbox_id, ns, list(spec.allow_net), dict(spec.secrets), run_dir
+            )
+            for name, placeholder in attachment.placeholders.items():
+                info.secrets[name].placeholder = placeholder
+            launch = LaunchSpec(
+                sandbox_id=sandbox_id, netns=ns, run_dir=run_dir,
+                limits=Limits(cpus=spec.cpus, memory_bytes=spec.memory, pids=spec.pids,
+                              disk_bytes=spec.disk),
+                env={**attachment.env, **spec.env}, hostname=sandbox_id, workspace=workspace,
+                ro_files=dict(attachment.ro_files),
+            )
+            running = await runtime.start(launch)
+            guest = await running.connect()
+        except BaseException as exc:
+            if running is not None:
+                await running.kill()
+            await self.gateway.detach(sandbox_id)
+            self._remove_leftovers(sandbox_id)
+            info.state = SandboxState.failed
+            info.ended_at = now()
+            info.end_reason = f"failed to start: {exc}"
+            self.store.put(info)
+            raise
+        info.state = SandboxState.running
+        self.store.put(info)
+        live = _Live(info=info, runtime=running, guest=guest)
+        self._live[sandbox_id] = live
+        loop = asyncio.get_running_loop()
+        if timeout:
+            live.timer = loop.call_later(
+                timeout, lambda: asyncio.ensure_future(self._end(sandbox_id, "timeout"))
+            )
+        live.watcher = asyncio.create_task(self._watch(live))
+        self.events.write(sandbox_id, "created", runtime=runtime.name)
+        return info.model_copy(deep=True)
+
+    async def _watch(self, live: _Live) -> None:
+        exit_info = await live.runtime.wait()
+        if not live.ended.is_set():
+            reason = (describe_limit(exit_info.limit, live.info) if exit_info.limit
+                      else f"sandbox init exited with code {exit_info.code}")
+            await self._finish(live, SandboxState.failed if exit_info.limit else
+                               SandboxState.stopped, reason)
+
+    async def _end(self, sandbox_id: str, limit: str) -> None:
+        live = self._live.get(sandbox_id)
+        if live is not None:
+            await self._finish(live, SandboxState.killed, describe_limit(limit, live.info))
+
+    async def _finish(self, live: _Live, state: SandboxState, reason: str) -> None:
+        if live.ended.is_set():
+            return
+        live.ended.set()
+        sandbox_id = live.info.id
+        if live.timer is not None:
+            live.timer.cancel()
+        try:
+            await live.guest.close()
+            await live.runtime.kill()
+            await self.gateway.detach(sandbox_id)
+        finally:
+            self._remove_leftovers(sandbox_id)
+            self._live.pop(sandbox_id, None)
+            live.info.state = state
+            live.info.ended_at = now()
+            live.info.end_reason = reason
+            self.store.put(live.info)
+            self.events.write(sandbox_id, "ended", state=state.value, reason=reason)
+
+    async def kill(self, sandbox_id: str, owner: str | None = None,
+                   reason: str = "killed by request") -> SandboxInfo:
+        live = self._owned_live(sandbox_id, owner)
+        if live is None:
+            return self.get(sandbox_id, owner)
+        await self._finish(live, SandboxState.killed, reason)
+        return live.info.model_copy(deep=True)
+
+    async def wait(self, sandbox_id: str) -> SandboxInfo:
+        live = self._live.get(sandbox_id)
+        if live is not None:
+            await live.ended.wait()
+        return self.get(sandbox_id)
+
+    async def pause(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
+        live = self._running(sandbox_id, owner)
+        await live.runtime.pause()
+        live.info.state = SandboxState.paused
+        self.store.put(live.info)
+        return live.info.model_copy(deep=True)
+
+    async def resume(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
+        live = self._owned_live(sandbox_id, owner)
+        if live is None or live.info.state != SandboxState.paused:
+            raise SandboxError(f"sandbox {sandbox_id} is not paused")
+        await live.runtime.resume()
+        live.info.state = SandboxState.running
+        self.store.put(live.info)
+        return live.info.model_copy(deep=True)
+
+    # ----- queries ----------------------------------------------------------------------
+    def get(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
+        live = self._live.get(sandbox_id)
+        info = live.info.model_copy(deep=True) if live else self.store.get(sandbox_id)
+        if info is None or (owner is not None and info.owner != owner):
+            raise NotFoundError(f"no sandbox {sandbox_id!r}: check the id with `sealbox ls`")
+        return info
+
+    def list(self, owner: str | None = None, include_ended: bool = False) -> list[SandboxInfo]:
+        return self.store.list(owner=owner, live_only=not include_ended)
+
+    def _owned_live(self, sandbox_id: str, owner: str | None) -> _Live | None:
+        self.get(sandbox_id, owner)  # raises NotFound for other tenants' ids
+        return self._live.get(sandbox_id)
+
+    def _running(self, sandbox_id: str, owner: str | None) -> _Live:
+        live = self._owned_live(sandbox_id, owner)
+        if live is None or live.ended.is_set():
+            info = self.get(sandbox_id, owner)
+            raise SandboxGone(
+                f"sandbox {sandbox_id} is {info.state.value}"
+                + (f": {info.end_reason}" if info.end_reason else "")
+            )
+        if live.info.state == SandboxState.paused:
+            raise SandboxError(f"sandbox {sandbox_id} is paused: resume it first")
+        return live
+
+    def guest(self, sandbox_id: str, owner: str | None = None) -> GuestClient:
+        return self._running(sandbox_id, owner).guest
+
+    # ----- commands ---------------------------------------------------------------------
+    async def exec(self, sandbox_id: str, req: ExecRequest, owner: str | None = None,
+                   pty: tuple[int, int] | None = None) -> ExecHandle:
+        live = self._running(sandbox_id, owner)
+        argv, shell = (None, req.cmd) if isinstance(req.cmd, str) else (list(req.cmd), None)
+        handle = await live.guest.exec(
+            argv, shell=shell, env=req.env or None, cwd=req.cwd, timeout=req.timeout, pty=pty,
+            background=req.background, stdin=req.stdin is not None,
+        )
+        if req.stdin is not None:
+            await handle.write_stdin(req.stdin.encode())
+            await handle.close_stdin()
+        self.events.write(sandbox_id, "exec", cmd=req.cmd, pid=handle.pid)
+        return handle
+
+    async def exec_stream(self, sandbox_id: str, req: ExecRequest, owner: str | None = None
+                          ) -> AsyncIterator[Output | ExecResult]:
+        """Output chunks as they come, then one ExecResult (with `limit` if a limit killed it)."""
+        live = self._running(sandbox_id, owner)
+        before = live.runtime.limit_events()
+        handle = await self.exec(sandbox_id, req, owner)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        async for item in handle:
+            if isinstance(item, Output):
+                (err if item.stream == "stderr" else out).append(item.data)
+                yield item
+            else:
+                yield self._result(live, before, item, b"".join(out), b"".join(err))
+
+    async def run(self, sandbox_id: str, req: ExecRequest, owner: str | None = None) -> ExecResult:
+        result: ExecResult | None = None
+        async for item in self.exec_stream(sandbox_id, req, owner):
+            if isinstance(item, ExecResult):
+                result = item
+        if result is None:
+            raise SandboxGone(f"sandbox {sandbox_id} ended before the command finished")
+        return result
+
+    def _result(self, live: _Live, before: dict[str, int], status: ExitStatus,
+                stdout: bytes, stderr: bytes) -> ExecResult:
+        after = live.runtime.limit_events()
+        limit = next((k for k, v in after.items() if v > before.get(k, 0)), None)
+        if status.signal is None:
+            limit = None if limit == "memory" else limit
+        return ExecResult(
+            exit_code=status.exit_code, stdout=stdout.decode(errors="replace"),
+            stderr=stderr.decode(errors="replace"), signal=status.signal,
+            timed_out=status.timed_out,
+            limit=describe_limit(limit, live.info) if limit else None,
+        )
+
+    # ----- egress -----------------------------------------------------------------------
+    async def set_egress(self, sandbox_id: str, allow_net: list[str],
+                         owner: str | None = None) -> SandboxInfo:
+        live = self._running(sandbox_id, owner)
+        await self.gateway.set_policy(sandbox_id, allow_net)
+        live.info.allow_net = list(allow_net)
+        self.store.put(live.info)
+        return live.info.model_copy(deep=True)
+
+    def egress_log(self, sandbox_id: str, owner: str | None = None) -> list[dict[str, Any]]:
+        self.get(sandbox_id, owner)
+        return self.gateway.audit_events(sandbox_id)
+
+    def logs(self, sandbox_id: str, owner: str | None = None) -> list[dict[str, Any]]:
+        self.get(sandbox_id, owner)
+        return self.events.read(sandbox_id)

@@ -1,0 +1,1 @@
+"""Isolation tiers behind one interface (`base.Runtime`), found through `registry`."""
