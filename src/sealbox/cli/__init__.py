@@ -1,0 +1,1 @@
+"""The `sealbox` command: one module per noun, all through the SDK."""

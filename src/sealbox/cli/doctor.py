@@ -1,0 +1,20 @@
+"""`sealbox doctor`: which tiers work on this host, and for each that does not, why."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from sealbox.runtimes import registry
+
+
+def doctor() -> None:
+    """Probe every isolation tier on this host."""
+    console = Console(highlight=False)
+    any_ok = False
+    for name, probe in registry.probes().items():
+        any_ok = any_ok or probe.ok
+        state = "[green]ok[/green]  " if probe.ok else "[red]no[/red]  "
+        console.print(f"{name:<10} {state} ({probe.detail})")
+    if not any_ok:
+        raise typer.Exit(1)

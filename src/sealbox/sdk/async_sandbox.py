@@ -1,0 +1,210 @@
+"""`AsyncSandbox`: the one SDK implementation. `Sandbox` (sync.py) wraps it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from pydantic import ValidationError
+
+from sealbox.engine.spec import ExecRequest, ExecResult, RuntimeName, SandboxInfo, SandboxSpec
+from sealbox.errors import CommandError, ConfigError
+from sealbox.guest.client import FileInfo, Output
+from sealbox.sdk.backend import Backend, PtySession
+from sealbox.sdk.secret import Secret
+
+
+def _backend(url: str | None, api_key: str | None) -> Backend:
+    url = url or os.environ.get("SEALBOX_URL")
+    if url:
+        from sealbox.sdk.remote import RemoteBackend
+
+        return RemoteBackend(url, api_key or os.environ.get("SEALBOX_API_KEY"))
+    from sealbox.sdk.embedded import EmbeddedBackend
+
+    return EmbeddedBackend()
+
+
+def validation_message(exc: ValidationError) -> str:
+    """One line per problem, naming the field: what a user needs to fix their input."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def make_spec(**fields: Any) -> SandboxSpec:
+    try:
+        return SandboxSpec(**{k: v for k, v in fields.items() if v is not None or k == "timeout"})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid sandbox options: {validation_message(exc)}") from None
+
+
+def make_exec(cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
+              timeout: float | str | None, stdin: str | None, background: bool = False
+              ) -> ExecRequest:
+    try:
+        return ExecRequest(cmd=cmd if isinstance(cmd, str) else list(cmd), env=dict(env or {}),
+                           cwd=cwd, timeout=timeout, stdin=stdin, background=background)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid command: {validation_message(exc)}") from None
+
+
+class AsyncFiles:
+    """`sandbox.files`: the sandbox's filesystem. Relative paths are under /workspace."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    async def read(self, path: str) -> bytes:
+        return b"".join([c async for c in self.read_stream(path)])
+
+    async def read_text(self, path: str) -> str:
+        return (await self.read(path)).decode()
+
+    def read_stream(self, path: str) -> AsyncIterator[bytes]:
+        return self._sb._backend.read_file(self._sb.id, path)
+
+    async def write(self, path: str, data: bytes | str | AsyncIterable[bytes],
+                    mode: int = 0o644) -> None:
+        payload = data.encode() if isinstance(data, str) else data
+        await self._sb._backend.write_file(self._sb.id, path, payload, mode)
+
+    async def list(self, path: str = "/workspace") -> list[FileInfo]:
+        return await self._sb._backend.list_dir(self._sb.id, path)
+
+    async def stat(self, path: str) -> FileInfo:
+        return await self._sb._backend.stat(self._sb.id, path)
+
+    async def exists(self, path: str) -> bool:
+        from sealbox.errors import NotFoundError
+
+        try:
+            await self.stat(path)
+        except NotFoundError:
+            return False
+        return True
+
+    async def mkdir(self, path: str) -> None:
+        await self._sb._backend.mkdir(self._sb.id, path)
+
+    async def remove(self, path: str, recursive: bool = False) -> None:
+        await self._sb._backend.remove(self._sb.id, path, recursive)
+
+    async def rename(self, src: str, dst: str) -> None:
+        await self._sb._backend.rename(self._sb.id, src, dst)
+
+
+class AsyncSandbox:
+    """A running sandbox. Create with `await AsyncSandbox.create(...)`; use as a context manager
+    so it is killed when the block ends."""
+
+    def __init__(self, info: SandboxInfo, backend: Backend) -> None:
+        self.info = info
+        self._backend = backend
+        self.files = AsyncFiles(self)
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @classmethod
+    async def create(
+        cls, *, runtime: RuntimeName = "auto", allow_net: Sequence[str] | None = None,
+        secrets: Mapping[str, Secret] | None = None, env: Mapping[str, str] | None = None,
+        timeout: float | str | None = 1800, cpus: float | None = None,
+        memory: int | str | None = None, pids: int | None = None, disk: int | str | None = None,
+        workspace: str | None = None, metadata: Mapping[str, str] | None = None,
+        url: str | None = None, api_key: str | None = None,
+    ) -> AsyncSandbox:
+        spec = make_spec(
+            runtime=runtime, allow_net=list(allow_net or []), secrets=dict(secrets or {}),
+            env=dict(env or {}), timeout=timeout, cpus=cpus, memory=memory, pids=pids, disk=disk,
+            workspace=workspace, metadata=dict(metadata or {}),
+        )
+        backend = _backend(url, api_key)
+        return cls(await backend.create(spec), backend)
+
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, url: str | None = None,
+                      api_key: str | None = None) -> AsyncSandbox:
+        """Attach to an existing sandbox by id."""
+        backend = _backend(url, api_key)
+        return cls(await backend.get(sandbox_id), backend)
+
+    @classmethod
+    async def list(cls, *, url: str | None = None, api_key: str | None = None,
+                   include_ended: bool = False) -> list[SandboxInfo]:
+        backend = _backend(url, api_key)
+        try:
+            return await backend.list(include_ended)
+        finally:
+            await backend.close()
+
+    async def refresh(self) -> SandboxInfo:
+        self.info = await self._backend.get(self.id)
+        return self.info
+
+    async def exec(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, timeout: float | str | None = None,
+                   stdin: str | None = None, check: bool = False) -> ExecResult:
+        """Run CMD (a shell string or an argv list) and wait for it. With check=True a non-zero
+        exit raises CommandError carrying the result."""
+        result = await self._backend.run(self.id, make_exec(cmd, env, cwd, timeout, stdin))
+        if check and result.exit_code != 0:
+            raise CommandError(
+                f"command exited with code {result.exit_code}"
+                + (f" ({result.limit})" if result.limit else ""), result=result,
+            )
+        return result
+
+    def exec_stream(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
+                    cwd: str | None = None, timeout: float | str | None = None,
+                    stdin: str | None = None) -> AsyncIterator[Output | ExecResult]:
+        """Output chunks (`Output(stream, data)`) as they come, then the `ExecResult`."""
+        return self._backend.exec_stream(self.id, make_exec(cmd, env, cwd, timeout, stdin))
+
+    async def pty(self, rows: int = 24, cols: int = 80,
+                  cmd: Sequence[str] | None = None) -> PtySession:
+        """An interactive terminal (bash by default)."""
+        return await self._backend.pty(self.id, rows, cols, list(cmd) if cmd else None)
+
+    async def set_egress(self, allow_net: Sequence[str]) -> SandboxInfo:
+        """Replace the sandbox's network allowlist while it runs."""
+        self.info = await self._backend.set_egress(self.id, list(allow_net))
+        return self.info
+
+    async def egress_log(self) -> list[dict[str, Any]]:
+        return await self._backend.egress_log(self.id)
+
+    async def logs(self) -> list[dict[str, Any]]:
+        return await self._backend.logs(self.id)
+
+    async def pause(self) -> SandboxInfo:
+        self.info = await self._backend.pause(self.id)
+        return self.info
+
+    async def resume(self) -> SandboxInfo:
+        self.info = await self._backend.resume(self.id)
+        return self.info
+
+    async def kill(self) -> SandboxInfo:
+        self.info = await self._backend.kill(self.id)
+        return self.info
+
+    async def close(self) -> None:
+        """Kill the sandbox and release the connection to its backend."""
+        try:
+            await self.kill()
+        finally:
+            await self._backend.close()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
