@@ -1,0 +1,72 @@
+"""Shared fixtures and the session-level leak check (invariant 5: nothing survives a sandbox)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from sealbox._sys import cgroups, netns
+from sealbox.engine.config import EngineConfig
+from sealbox.engine.engine import NETNS_PREFIX, Engine
+from sealbox.runtimes.namespace import HOST_UID_BASE, HOST_UID_SPAN
+
+RUN_ROOT = Path("/run/sealbox")
+
+
+def sandbox_processes() -> list[int]:
+    """PIDs running as a sandbox host uid."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            uid = entry.stat().st_uid
+        except OSError:
+            continue
+        if HOST_UID_BASE <= uid < HOST_UID_BASE + HOST_UID_SPAN:
+            pids.append(int(entry.name))
+    return pids
+
+
+def leftovers() -> dict[str, list[str]]:
+    found = {
+        "netns": netns.list_names(NETNS_PREFIX),
+        "veth": netns.host_links("sbx"),
+        "cgroups": cgroups.list_names(),
+        "run_dirs": sorted(p.name for p in RUN_ROOT.glob("sb*")) if RUN_ROOT.is_dir() else [],
+        "processes": [str(p) for p in sandbox_processes()],
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaks() -> Iterator[None]:
+    if os.geteuid() != 0:
+        pytest.exit("the sealbox test suite needs root (namespaces, nftables, cgroups)", 2)
+    before = leftovers()
+    yield
+    after = leftovers()
+    leaked = {k: sorted(set(v) - set(before.get(k, []))) for k, v in after.items()}
+    leaked = {k: v for k, v in leaked.items() if v}
+    if leaked:
+        pytest.fail(f"sandbox resources leaked by the test session: {leaked}", pytrace=False)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+async def engine(data_dir: Path) -> AsyncIterator[Engine]:
+    eng = Engine(EngineConfig(data_dir=data_dir))
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.close()
