@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -83,3 +83,38 @@ def write_out(stream: str, data: bytes) -> None:
     out = sys.stderr.buffer if stream == "stderr" else sys.stdout.buffer
     out.write(data)
     out.flush()
+
+
+# Options shared by `run` and `create`, declared once.
+RuntimeOpt = Annotated[str, typer.Option(help="auto|namespace|gvisor|microvm")]
+AllowNetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--allow-net", help="host the sandbox may reach (repeatable; *.x.com, HOST:PORT, CIDR)")]
+SecretOpt = Annotated[Optional[list[str]], typer.Option(
+    help="NAME@HOST[,HOST] (value from $NAME) or NAME=VALUE@HOST[,HOST]")]
+EnvOpt = Annotated[Optional[list[str]], typer.Option(help="K=V (repeatable)")]
+TimeoutOpt = Annotated[str, typer.Option(help="wall-clock limit, e.g. 30s, 10m, 2h")]
+CpusOpt = Annotated[Optional[float], typer.Option(help="CPU quota, e.g. 2 or 0.5")]
+MemoryOpt = Annotated[Optional[str], typer.Option(help="memory limit, e.g. 512MiB")]
+PidsOpt = Annotated[Optional[int], typer.Option(help="max processes")]
+ResolveOpt = Annotated[Optional[list[str]], typer.Option(
+    help="HOST:PORT:ADDR[:ADDRPORT]: connections to HOST:PORT go to ADDR (operator-side pin)")]
+UpstreamCaOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--upstream-ca", help="extra CA file the gateway trusts for upstream TLS")]
+DiskOpt = Annotated[Optional[str], typer.Option(help="size of /workspace and /tmp, e.g. 1GiB")]
+
+
+def sandbox_spec_fields(runtime: str, allow_net: list[str] | None, secret: list[str] | None,
+                        env: list[str] | None, timeout: str, cpus: float | None,
+                        memory: str | None, pids: int | None, disk: str | None) -> dict[str, Any]:
+    return dict(
+        runtime=runtime, allow_net=allow_net or [],
+        secrets=dict(parse_secret(s) for s in secret or []), env=parse_env(env or []),
+        timeout=timeout, cpus=cpus, memory=memory, pids=pids, disk=disk,
+    )
+
+
+def server_url() -> tuple[str, str | None]:
+    url = os.environ.get("SEALBOX_URL")
+    if not url:
+        raise ConfigError("this command talks to a server: set SEALBOX_URL (and SEALBOX_API_KEY)")
+    return url, os.environ.get("SEALBOX_API_KEY")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import typer
 
 from sealbox.cli.doctor import doctor
+from sealbox.cli.exec import exec_, shell
+from sealbox.cli.files import cp
 from sealbox.cli.run import run
+from sealbox.cli.sandboxes import create, egress, kill, logs, ls
 
 app = typer.Typer(
     name="sealbox", no_args_is_help=True, add_completion=False,
@@ -14,6 +17,14 @@ app = typer.Typer(
 )
 app.command(context_settings={"allow_interspersed_args": False})(run)
 app.command()(doctor)
+app.command()(create)
+app.command()(ls)
+app.command("exec", context_settings={"allow_interspersed_args": False})(exec_)
+app.command()(kill)
+app.command()(cp)
+app.command()(shell)
+app.command()(logs)
+app.command()(egress)
 
 
 def main() -> None:
