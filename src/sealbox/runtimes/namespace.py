@@ -61,6 +61,42 @@ def _probe() -> Probe:
     return Probe(True, version)
 
 
+def prepare_run_dir(spec: LaunchSpec) -> None:
+    """Files every tier shows inside: the guest agent and generated /etc entries."""
+    run = spec.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    run.chmod(0o711)
+    guest = run / "guest"
+    guest.mkdir(exist_ok=True)
+    for name in GUEST_FILES:
+        shutil.copyfile(GUEST_DIR / name, guest / name)
+        (guest / name).chmod(0o644)
+    guest.chmod(0o755)
+    etc = run / "etc"
+    etc.mkdir(exist_ok=True)
+    etc.chmod(0o755)
+    files = {
+        "passwd": f"root:x:0:0:root:/root:/bin/sh\nuser:x:{SANDBOX_UID}:{SANDBOX_UID}:"
+        "sandbox user:/workspace:/bin/bash\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n",
+        "group": f"root:x:0:\nuser:x:{SANDBOX_UID}:\nnogroup:x:65534:\n",
+        "hostname": f"{spec.hostname}\n",
+        "hosts": f"127.0.0.1 localhost\n127.0.1.1 {spec.hostname}\n",
+    }
+    for name, text in files.items():
+        (etc / name).write_text(text)
+        (etc / name).chmod(0o644)
+    for host_path in spec.ro_files.values():
+        host_path.chmod(0o644)
+
+
+def sandbox_env(spec: LaunchSpec) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/workspace", "USER": "user", "LANG": "C.UTF-8", "TERM": "xterm-256color",
+        "SEALBOX_SANDBOX_ID": spec.sandbox_id, **spec.env,
+    }
+
+
 class NamespaceRuntime:
     name = "namespace"
     strength = 10
@@ -111,33 +147,6 @@ class NamespaceSandbox:
             return self.spec.workspace.stat().st_uid
         return host_uid_for(self.sandbox_id)
 
-    def _prepare_files(self) -> None:
-        run = self.spec.run_dir
-        run.mkdir(parents=True, exist_ok=True)
-        run.chmod(0o711)
-        self._private.mkdir(mode=0o700, exist_ok=True)
-        guest = run / "guest"
-        guest.mkdir(exist_ok=True)
-        for name in GUEST_FILES:
-            shutil.copyfile(GUEST_DIR / name, guest / name)
-            (guest / name).chmod(0o644)
-        guest.chmod(0o755)
-        etc = run / "etc"
-        etc.mkdir(exist_ok=True)
-        etc.chmod(0o755)
-        files = {
-            "passwd": f"root:x:0:0:root:/root:/bin/sh\nuser:x:{SANDBOX_UID}:{SANDBOX_UID}:"
-            "sandbox user:/workspace:/bin/bash\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n",
-            "group": f"root:x:0:\nuser:x:{SANDBOX_UID}:\nnogroup:x:65534:\n",
-            "hostname": f"{self.spec.hostname}\n",
-            "hosts": f"127.0.0.1 localhost\n127.0.1.1 {self.spec.hostname}\n",
-        }
-        for name, text in files.items():
-            (etc / name).write_text(text)
-            (etc / name).chmod(0o644)
-        for host_path in self.spec.ro_files.values():
-            host_path.chmod(0o644)
-
     def _bwrap_args(self, listen_fd: int, seccomp_fd: int) -> list[str]:
         spec = self.spec
         disk = str(spec.limits.disk_bytes) if spec.limits.disk_bytes else None
@@ -171,19 +180,15 @@ class NamespaceSandbox:
         for inside, host in spec.ro_files.items():
             args += ["--ro-bind", str(host), inside]
         args += ["--ro-bind", str(spec.run_dir / "guest"), "/.sealbox"]
-        env = {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": "/workspace", "USER": "user", "LANG": "C.UTF-8", "TERM": "xterm-256color",
-            "SEALBOX_SANDBOX_ID": spec.sandbox_id, **spec.env,
-        }
-        for k, v in env.items():
+        for k, v in sandbox_env(spec).items():
             args += ["--setenv", k, v]
         args += ["--remount-ro", "/", "--chdir", "/workspace", "--seccomp", str(seccomp_fd)]
         return args + ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--listen-fd", str(listen_fd)]
 
     async def launch(self) -> None:
         spec = self.spec
-        self._prepare_files()
+        prepare_run_dir(spec)
+        self._private.mkdir(mode=0o700, exist_ok=True)
         lim = spec.limits
         self.cgroup.create(lim.cpus, lim.memory_bytes, lim.pids)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

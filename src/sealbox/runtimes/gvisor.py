@@ -1,0 +1,245 @@
+"""The `gvisor` tier: runsc, a user-space kernel, on an OCI bundle built from the same view of
+the host's system directories the namespace tier shows.
+
+The sandbox joins the network namespace the engine prepared (runsc's netstack takes over its
+veth), so the egress gateway applies unchanged. The guest agent speaks over the container's
+stdin/stdout. Limits are cgroups runsc creates from the bundle. It does not defend against bugs
+in the gVisor Sentry combined with a host-kernel bug reachable from its seccomp-limited syscalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sealbox._sys.cgroups import Cgroup
+from sealbox.errors import RuntimeUnavailable, SandboxError
+from sealbox.guest.client import GuestClient
+from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe
+from sealbox.runtimes.namespace import GUEST_DIR, GUEST_FILES, SANDBOX_UID, prepare_run_dir, sandbox_env
+
+RUNSC_ROOT = Path("/run/sealbox/runsc")
+PLATFORMS = ("systrap", "kvm", "ptrace")
+_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt")
+
+
+def _runsc_base(platform: str) -> list[str]:
+    return ["runsc", "--root", str(RUNSC_ROOT), f"--platform={platform}", "--network=sandbox"]
+
+
+@lru_cache(maxsize=1)
+def _probe() -> Probe:
+    if not shutil.which("runsc"):
+        return Probe(False, "runsc is not installed (apt-get install runsc)")
+    errors = []
+    for platform in PLATFORMS:
+        try:
+            r = subprocess.run(
+                ["runsc", f"--platform={platform}", "--network=none", "do", "/bin/true"],
+                capture_output=True, text=True, timeout=8,
+            )
+        except subprocess.TimeoutExpired:
+            errors.append(f"{platform}: hung")
+            continue
+        if r.returncode == 0:
+            return Probe(True, f"runsc, platform {platform}")
+        errors.append(f"{platform}: {(r.stderr.strip().splitlines() or ['failed'])[-1][:120]}")
+    return Probe(False, "runsc does not start here (" + "; ".join(errors) + ")")
+
+
+def platform() -> str:
+    return _probe().detail.rsplit(" ", 1)[-1]
+
+
+class GvisorRuntime:
+    name = "gvisor"
+    strength = 20
+
+    def probe(self) -> Probe:
+        return _probe()
+
+    async def start(self, spec: LaunchSpec) -> GvisorSandbox:
+        probe = self.probe()
+        if not probe.ok:
+            raise RuntimeUnavailable(f"gvisor tier unavailable: {probe.detail}")
+        sb = GvisorSandbox(spec)
+        try:
+            await sb.launch()
+        except BaseException:
+            await sb.kill()
+            raise
+        return sb
+
+    def cleanup_orphans(self, live_ids: set[str]) -> list[str]:
+        r = subprocess.run(["runsc", "--root", str(RUNSC_ROOT), "list", "-q"],
+                           capture_output=True, text=True)
+        gone = [cid for cid in r.stdout.split() if cid not in live_ids]
+        for cid in gone:
+            subprocess.run(["runsc", "--root", str(RUNSC_ROOT), "delete", "--force", cid],
+                           capture_output=True)
+        return gone
+
+
+def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
+    lim = spec.limits
+    disk = f",size={lim.disk_bytes}" if lim.disk_bytes else ""
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+    ]
+    for top in _SYSTEM_DIRS:
+        p = Path("/") / top
+        if p.is_dir() and not p.is_symlink():
+            mounts.append({"destination": str(p), "type": "bind", "source": str(p),
+                           "options": ["rbind", "ro"]})
+    for path in ("/tmp", "/var/tmp", "/run") + (() if spec.workspace else ("/workspace",)):
+        mounts.append({"destination": path, "type": "tmpfs", "source": "tmpfs",
+                       "options": ["nosuid", "nodev", f"mode=1777{disk}"]})
+    if spec.workspace:
+        mounts.append({"destination": "/workspace", "type": "bind",
+                       "source": str(spec.workspace), "options": ["rbind", "rw"]})
+    etc = spec.run_dir / "etc"
+    files = {f"/etc/{n}": etc / n for n in ("passwd", "group", "hostname", "hosts")}
+    files.update(spec.ro_files)
+    for inside, host in files.items():
+        mounts.append({"destination": inside, "type": "bind", "source": str(host),
+                       "options": ["bind", "ro"]})
+    mounts.append({"destination": "/.sealbox", "type": "bind",
+                   "source": str(spec.run_dir / "guest"), "options": ["rbind", "ro"]})
+    resources: dict[str, Any] = {}
+    if lim.memory_bytes:
+        resources["memory"] = {"limit": lim.memory_bytes, "swap": lim.memory_bytes}
+    if lim.cpus:
+        resources["cpu"] = {"quota": int(lim.cpus * 100_000), "period": 100_000}
+    if lim.pids:
+        resources["pids"] = {"limit": lim.pids}
+    env = sandbox_env(spec)
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID},
+            "args": ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--stdio"],
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": "/workspace",
+            "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [],
+                             "ambient": []},
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": spec.hostname,
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                {"type": "network", "path": f"/run/netns/{spec.netns}"},
+            ],
+            "resources": resources,
+            "cgroupsPath": f"/sealbox/{spec.sandbox_id}",
+        },
+    }
+
+
+class GvisorSandbox:
+    def __init__(self, spec: LaunchSpec) -> None:
+        self.spec = spec
+        self.sandbox_id = spec.sandbox_id
+        self.bundle = spec.run_dir / "bundle"
+        self.proc: asyncio.subprocess.Process | None = None
+        self._killed = False
+        self._platform = platform()
+
+    def _prepare(self) -> None:
+        prepare_run_dir(self.spec)
+        rootfs = self.bundle / "rootfs"
+        rootfs.mkdir(parents=True, exist_ok=True)
+        for top in _SYSTEM_DIRS + ("proc", "dev", "tmp", "var", "run", "workspace", ".sealbox",
+                                   "home"):
+            p = Path("/") / top
+            target = rootfs / top
+            if p.is_symlink():
+                if not target.is_symlink():
+                    target.symlink_to(os.readlink(p))
+            else:
+                target.mkdir(exist_ok=True)
+        (rootfs / "var" / "tmp").mkdir(exist_ok=True)
+        (self.bundle / "config.json").write_text(json.dumps(oci_spec(self.spec)))
+
+    async def launch(self) -> None:
+        self._prepare()
+        RUNSC_ROOT.mkdir(parents=True, exist_ok=True)
+        log = open(self.spec.run_dir / "runsc.log", "wb")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *_runsc_base(self._platform), "run", "--bundle", str(self.bundle),
+                self.sandbox_id, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                start_new_session=True, limit=1 << 22,
+            )
+        finally:
+            log.close()
+
+    def _log(self) -> str:
+        try:
+            return (self.spec.run_dir / "runsc.log").read_text(errors="replace").strip()[-2000:]
+        except OSError:
+            return ""
+
+    async def connect(self) -> GuestClient:
+        if self.proc is None or self.proc.stdout is None or self.proc.stdin is None:
+            raise SandboxError("sandbox is not running")
+        try:
+            client = await GuestClient.from_streams(self.proc.stdout, self.proc.stdin)
+            await asyncio.wait_for(client.ping(), timeout=30)
+        except (asyncio.TimeoutError, SandboxError) as exc:
+            raise SandboxError(f"gVisor sandbox did not start: {self._log() or exc}") from None
+        return client
+
+    def limit_events(self) -> dict[str, int]:
+        # runsc puts the sandbox in the cgroup named by cgroupsPath.
+        cg = Cgroup(self.sandbox_id)
+        return {"memory": cg.oom_kills(), "pids": cg.pids_max_hits()}
+
+    async def wait(self) -> ExitInfo:
+        if self.proc is None:
+            raise SandboxError("sandbox was never started")
+        code = await self.proc.wait()
+        events = self.limit_events()
+        limit = next((k for k, v in events.items() if v > 0), None)
+        return ExitInfo(code=code, limit=limit, detail=self._log())
+
+    async def kill(self) -> None:
+        if self._killed:
+            return
+        self._killed = True
+        base = _runsc_base(self._platform)
+        for args in (["kill", "--all", self.sandbox_id, "KILL"],
+                     ["delete", "--force", self.sandbox_id]):
+            p = await asyncio.create_subprocess_exec(
+                *base, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await p.wait()
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+            await self.proc.wait()
+
+    async def _runsc(self, *args: str) -> None:
+        p = await asyncio.create_subprocess_exec(
+            *_runsc_base(self._platform), *args, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+        _, err = await p.communicate()
+        if p.returncode != 0:
+            raise SandboxError(f"runsc {args[0]} failed: {err.decode(errors='replace').strip()}")
+
+    async def pause(self) -> None:
+        await self._runsc("pause", self.sandbox_id)
+
+    async def resume(self) -> None:
+        await self._runsc("resume", self.sandbox_id)
