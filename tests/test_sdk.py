@@ -1,0 +1,91 @@
+"""The SDK: sync and async surfaces match; the embedded path works end to end."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import pytest
+
+from sealbox import AsyncSandbox, Sandbox, Secret
+from sealbox.engine.spec import ExecResult
+from sealbox.errors import CommandError, ConfigError, NotFoundError
+from sealbox.guest.client import Output
+from sealbox.sdk.async_sandbox import AsyncFiles
+from sealbox.sdk.sync_sandbox import Files
+
+
+def public(cls: type) -> dict[str, inspect.Signature]:
+    out = {}
+    for name, member in inspect.getmembers(cls):
+        if name.startswith("_") and name not in ("__enter__", "__exit__"):
+            continue
+        if callable(member):
+            out[name] = inspect.signature(member)
+    return out
+
+
+@pytest.mark.parametrize(("sync", "async_"), [(Sandbox, AsyncSandbox), (Files, AsyncFiles)])
+def test_sync_surface_matches_async(sync: type, async_: type) -> None:
+    s, a = public(sync), public(async_)
+    a = {k.replace("__aenter__", "__enter__").replace("__aexit__", "__exit__"): v
+         for k, v in a.items()}
+    assert set(s) == set(a)
+    for name in s:
+        assert list(s[name].parameters) == list(a[name].parameters), name
+
+
+def test_sync_embedded_roundtrip() -> None:
+    with Sandbox.create(runtime="namespace", cpus=1, memory="512MiB", timeout=600) as sb:
+        sb.files.write("/workspace/main.py", b"print('hi')")
+        r = sb.exec("python3 main.py")
+        assert (r.exit_code, r.stdout) == (0, "hi\n")
+        assert sb.files.read("main.py") == b"print('hi')"
+        assert [f.name for f in sb.files.list()] == ["main.py"]
+        items = list(sb.exec_stream(["sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.3; done"]))
+        outs = [i for i in items if isinstance(i, Output)]
+        assert b"".join(o.data for o in outs) == b"1\n2\n3\n"
+        assert len(outs) >= 2, "output must stream in chunks, not arrive all at the end"
+        assert isinstance(items[-1], ExecResult) and items[-1].exit_code == 0
+        with pytest.raises(CommandError) as err:
+            sb.exec("exit 3", check=True)
+        assert err.value.result.exit_code == 3
+        with pytest.raises(NotFoundError):
+            sb.files.read("/workspace/missing")
+        sid = sb.id
+    assert Sandbox.connect(sid).info.state.value == "killed"
+
+
+def test_stream_chunks_arrive_before_exit() -> None:
+    with Sandbox.create(runtime="namespace") as sb:
+        arrivals = []
+        for item in sb.exec_stream("echo first; sleep 1; echo second"):
+            arrivals.append((time.monotonic(), item))
+        first_out = next(t for t, i in arrivals if isinstance(i, Output))
+        exit_at = arrivals[-1][0]
+        # Not a budget: the first chunk must precede the exit by the sleep in the command.
+        assert exit_at - first_out > 0.5
+
+
+async def test_async_sandbox_and_secrets_placeholder() -> None:
+    async with await AsyncSandbox.create(
+        runtime="namespace", allow_net=["api.example.test"],
+        secrets={"API_KEY": Secret("sk-real-value-123", hosts=["api.example.test"])},
+    ) as sb:
+        r = await sb.exec("printenv API_KEY")
+        assert r.stdout.startswith("sealbox-secret-")
+        assert "sk-real-value-123" not in r.stdout
+        assert sb.info.secrets["API_KEY"].placeholder == r.stdout.strip()
+        assert "sk-real" not in sb.info.model_dump_json()
+        r = await sb.exec("cat /proc/self/environ /proc/1/environ | tr '\\0' '\\n' | grep -c sk-real || true")
+        assert r.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"memory": "lots"}, {"timeout": "forever"}, {"cpus": -1}, {"runtime": "docker"},
+    {"env": {"1BAD": "x"}}, {"memory": "1MiB"},
+])
+def test_bad_options_raise_config_error(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError) as err:
+        Sandbox.create(**kwargs)  # type: ignore[arg-type]
+    assert "\n" not in str(err.value)
