@@ -139,15 +139,17 @@ class Network:
                                proxy=self.proxy_port, dns=self.dns_port)
 
     def install(self) -> None:
+        """Apply the table, replacing it atomically (which also repairs edited rules)."""
         with _host_lock():
-            self._ensure_installed()
+            self._ensure_installed(force=True)
 
-    def _ensure_installed(self) -> None:
-        """Apply the table unless an identical one is there. Caller holds the host lock."""
+    def _ensure_installed(self, force: bool = False) -> None:
+        """Apply the table unless one with our configuration is there (or FORCE).
+        Caller holds the host lock."""
         try:
             listing = nft.list_table(TABLE_FAMILY, TABLE_NAME)
             current = nft.table_comment(listing) if listing is not None else None
-            if current == self._comment:
+            if current == self._comment and not force:
                 return
             if current is not None and net.host_links(IF_PREFIX):
                 # Another gateway on this host redirects its sandboxes to other ports;
