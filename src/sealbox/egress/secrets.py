@@ -56,7 +56,10 @@ class SecretSpec(BaseModel):
     @classmethod
     def _hosts(cls, hosts: list[str]) -> list[str]:
         for host in hosts:
-            rule = parse_rule(host)
+            try:
+                rule = parse_rule(host)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
             if rule.deny or rule.kind not in (Kind.NAME, Kind.SUFFIX):
                 raise ValueError(f"secret host {host!r} must be a name or *.suffix, "
                                  "optionally with :PORT")
