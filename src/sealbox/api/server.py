@@ -1,0 +1,60 @@
+"""`sealbox server`: the control plane under uvicorn, with one engine for the installation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from sealbox.api.app import create_app
+from sealbox.api.auth import KeyRing, load_admin_key
+from sealbox.egress.gateway import ResolvePin
+from sealbox.engine.config import EngineConfig, default_data_dir
+from sealbox.engine.engine import Engine
+
+DEFAULT_PORT = 7411
+GRACEFUL_SHUTDOWN_SECONDS = 5
+"""How long open streams and terminals get to finish before the sandboxes are killed."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=default_data_dir)
+    max_timeout: float | None = None
+    resolve: list[str] = field(default_factory=list)
+    """`HOST:PORT:ADDR[:ADDRPORT]` pins for every sandbox of the installation."""
+    upstream_ca: list[Path] = field(default_factory=list)
+    log_level: str = "info"
+
+
+async def serve(config: ServerConfig) -> None:
+    """Serve until SIGINT/SIGTERM; then kill every sandbox (in the app's lifespan) and return."""
+    engine = Engine(EngineConfig(
+        data_dir=config.data_dir, max_timeout=config.max_timeout,
+        resolve=[ResolvePin.parse(pin) for pin in config.resolve],
+        upstream_ca=list(config.upstream_ca),
+        allow_host_workspace=False,  # API callers must not mount the server's own files
+    ))
+    admin_hash, admin_file = load_admin_key(config.data_dir)
+    if admin_file is not None:
+        print(f"sealbox: the admin API key is in {admin_file}", flush=True)
+    app = create_app(engine, KeyRing(engine.store, admin_hash))
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level,
+        lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    ))
+    await server.serve()
+
+
+def run_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT, data_dir: Path | None = None,
+               max_timeout: float | None = None, resolve: Sequence[str] = (),
+               upstream_ca: Sequence[Path] = (), log_level: str = "info") -> None:
+    asyncio.run(serve(ServerConfig(
+        host=host, port=port, data_dir=data_dir or default_data_dir(), max_timeout=max_timeout,
+        resolve=list(resolve), upstream_ca=list(upstream_ca), log_level=log_level,
+    )))

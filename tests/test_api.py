@@ -1,0 +1,464 @@
+"""The REST control plane end to end: a real uvicorn server in a subprocess, real HTTP clients.
+
+Every response is checked against the server's own /openapi.json (the path and method exist,
+the status is documented, and JSON bodies match their schema).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from schemathesis.specs.openapi.schemas import OpenApiSchema
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+pytestmark = pytest.mark.privileged
+
+ADMIN_KEY = "sbk_test-admin-key-0123456789abcdefghijklmnopqrstuv"
+START_TIMEOUT = 30.0
+MiB = 1024 * 1024
+
+
+# ----- the server under test ------------------------------------------------------------------
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> int:
+        """SIGTERM, as an operator or systemd would; returns the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_server(data_dir: Path, admin_key: str | None = ADMIN_KEY) -> Server:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "SEALBOX_ADMIN_KEY"}
+    if admin_key is not None:
+        env["SEALBOX_ADMIN_KEY"] = admin_key
+    code = ("import sys; from pathlib import Path; from sealbox.api.server import run_server; "
+            "run_server(port=int(sys.argv[1]), data_dir=Path(sys.argv[2]), log_level='warning')")
+    log = data_dir.parent / f"server-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(port), str(data_dir)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited at start:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/v1/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            time.sleep(0.1)
+    server.stop()
+    raise AssertionError(f"server did not answer within {START_TIMEOUT}s:\n{log.read_text()}")
+
+
+def leftovers(sandbox_ids: list[str]) -> list[str]:
+    found = [f"netns sealbox-{i}" for i in sandbox_ids if Path(f"/run/netns/sealbox-{i}").exists()]
+    for i in sandbox_ids:
+        found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/sealbox/{i}")]
+        found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"sealbox/{i}")]
+    return found
+
+
+# ----- a client that checks every response against the OpenAPI document ------------------------
+
+class Api:
+    def __init__(self, url: str, schema: OpenApiSchema, key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.url = url
+        self.key = key
+        self._schema = schema
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=60)
+
+    def check(self, resp: httpx.Response, body: bool = True) -> httpx.Response:
+        op = self._schema.find_operation_by_path(resp.request.method, resp.request.url.path)
+        assert op is not None, f"{resp.request.method} {resp.request.url.path} is not in /openapi.json"
+        documented = {str(code) for code in op.definition.raw.get("responses", {})}
+        assert str(resp.status_code) in documented, (
+            f"{resp.request.method} {resp.request.url.path} answered {resp.status_code}, "
+            f"documented: {sorted(documented)}; body: {resp.text[:300] if body else '(stream)'}")
+        if body:
+            op.validate_response(resp)
+        return resp
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return self.check(self.http.request(method, path, **kw))
+
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", path, **kw)
+
+    def put(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("PUT", path, **kw)
+
+    def delete(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("DELETE", path, **kw)
+
+    @contextmanager
+    def stream(self, method: str, path: str, **kw: Any) -> Iterator[httpx.Response]:
+        with self.http.stream(method, path, **kw) as resp:
+            yield self.check(resp, body=False)
+
+
+def error_code(resp: httpx.Response) -> str:
+    code: str = resp.json()["error"]["code"]
+    assert resp.json()["error"]["message"]
+    return code
+
+
+# ----- fixtures: server → tenants → sandbox -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data_dir = tmp_path_factory.mktemp("api") / "data"
+    srv = start_server(data_dir)
+    yield srv
+    assert srv.stop() == 0, srv.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def schema(server: Server) -> OpenApiSchema:
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    loaded: OpenApiSchema = schemathesis.openapi.from_dict(doc)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def admin(server: Server, schema: OpenApiSchema) -> Api:
+    return Api(server.url, schema, ADMIN_KEY)
+
+
+def _tenant(admin: Api, name: str) -> Api:
+    resp = admin.post("/v1/keys", json={"tenant": name})
+    assert resp.status_code == 201
+    key = resp.json()["key"]
+    assert key.startswith("sbk_") and len(key) > 40
+    return Api(admin.url, admin._schema, key)
+
+
+@pytest.fixture(scope="module")
+def alice(admin: Api) -> Api:
+    return _tenant(admin, "alice")
+
+
+@pytest.fixture(scope="module")
+def bob(admin: Api) -> Api:
+    return _tenant(admin, "bob")
+
+
+@pytest.fixture(scope="module")
+def sandbox(alice: Api) -> Iterator[str]:
+    resp = alice.post("/v1/sandboxes", json={
+        "runtime": "namespace", "timeout": "10m", "env": {"GREETING": "hi"},
+        "secrets": {"API_TOKEN": {"value": "real-secret-value-123", "hosts": ["api.example.com"]}},
+    })
+    assert resp.status_code == 201, resp.text
+    info = resp.json()
+    yield info["id"]
+    alice.delete(f"/v1/sandboxes/{info['id']}")
+
+
+def sb(sandbox_id: str, rest: str = "") -> str:
+    return f"/v1/sandboxes/{sandbox_id}{rest}"
+
+
+# ----- lifecycle --------------------------------------------------------------------------------
+
+def test_health_needs_no_key(server: Server, schema: OpenApiSchema) -> None:
+    resp = Api(server.url, schema, None).get("/v1/health")
+    assert resp.status_code == 200 and resp.json()["status"] == "ok"
+
+
+def test_openapi_documents_errors_not_422(schema: OpenApiSchema, admin: Api) -> None:
+    doc = admin.http.get("/openapi.json").json()
+    assert "/v1/sandboxes/{sandbox_id}/exec" in doc["paths"]
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            assert "422" not in op["responses"], f"{method} {path}"
+
+
+def test_create_shows_placeholder_never_the_value(alice: Api, sandbox: str) -> None:
+    resp = alice.get(sb(sandbox))
+    assert resp.status_code == 200
+    info = resp.json()
+    assert info["state"] == "running" and info["owner"] == "alice"
+    assert info["secrets"]["API_TOKEN"]["placeholder"].startswith("sealbox-secret-")
+    assert "real-secret-value-123" not in resp.text
+    listed = alice.get("/v1/sandboxes").json()
+    assert sandbox in [i["id"] for i in listed]
+
+
+def test_exec(alice: Api, sandbox: str) -> None:
+    resp = alice.post(sb(sandbox, "/exec"), json={"cmd": "echo $GREETING; echo oops >&2; exit 3"})
+    assert resp.status_code == 200
+    result = resp.json()
+    assert (result["exit_code"], result["stdout"], result["stderr"]) == (3, "hi\n", "oops\n")
+    resp = alice.post(sb(sandbox, "/exec"), json={"cmd": ["cat"], "stdin": "fed"})
+    assert resp.json()["stdout"] == "fed"
+
+
+def test_exec_stream_yields_chunks_as_they_come(alice: Api, sandbox: str) -> None:
+    cmd = "for i in 1 2 3; do echo tick$i; echo err$i >&2; sleep 1; done; exit 7"
+    events: list[tuple[float, dict[str, Any]]] = []
+    with alice.stream("POST", sb(sandbox, "/exec"), params={"stream": "true"},
+                      json={"cmd": cmd}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("application/x-ndjson")
+        for line in resp.iter_lines():
+            if line.strip():
+                events.append((time.monotonic(), json.loads(line)))
+    kinds = [e["type"] for _, e in events]
+    assert kinds[-1] == "exit" and "stdout" in kinds and "stderr" in kinds
+    stdout = b"".join(base64.b64decode(e["data"]) for _, e in events if e["type"] == "stdout")
+    assert stdout == b"tick1\ntick2\ntick3\n"
+    first_at = next(t for t, e in events if e["type"] == "stdout")
+    exit_at, exit_event = events[-1]
+    assert exit_at - first_at > 1.5, "output was buffered until the command ended"
+    assert exit_event["exit_code"] == 7 and exit_event["stdout"] == "tick1\ntick2\ntick3\n"
+
+
+def test_files_roundtrip_5mb_streamed(alice: Api, sandbox: str) -> None:
+    chunk = os.urandom(MiB)
+    digest = hashlib.sha256(chunk * 5).hexdigest()
+
+    def body() -> Iterator[bytes]:
+        for _ in range(5):
+            yield chunk
+
+    resp = alice.put(sb(sandbox, "/files"), params={"path": "/workspace/big.bin", "mode": "600"},
+                     content=body())
+    assert resp.status_code == 204, resp.text
+    got = hashlib.sha256()
+    size = 0
+    with alice.stream("GET", sb(sandbox, "/files"), params={"path": "/workspace/big.bin"}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"] == "application/octet-stream"
+        for part in resp.iter_bytes():
+            got.update(part)
+            size += len(part)
+    assert (size, got.hexdigest()) == (5 * MiB, digest)
+    stat = alice.get(sb(sandbox, "/files/stat"), params={"path": "/workspace/big.bin"}).json()
+    assert stat["size"] == 5 * MiB
+
+
+def test_file_operations(alice: Api, sandbox: str) -> None:
+    assert alice.post(sb(sandbox, "/files/mkdir"), json={"path": "/workspace/d/e"}).status_code == 204
+    alice.put(sb(sandbox, "/files"), params={"path": "/workspace/d/a.txt"}, content=b"A")
+    resp = alice.post(sb(sandbox, "/files/rename"),
+                      json={"src": "/workspace/d/a.txt", "dst": "/workspace/d/b.txt"})
+    assert resp.status_code == 204
+    names = {e["name"] for e in alice.get(sb(sandbox, "/files/list"),
+                                          params={"path": "/workspace/d"}).json()}
+    assert names == {"e", "b.txt"}
+    assert alice.get(sb(sandbox, "/files"), params={"path": "/workspace/d/b.txt"}).content == b"A"
+    resp = alice.get(sb(sandbox, "/files"), params={"path": "/workspace/d/a.txt"})
+    assert resp.status_code == 404 and error_code(resp) == "not_found"
+    resp = alice.delete(sb(sandbox, "/files"), params={"path": "/workspace/d", "recursive": "true"})
+    assert resp.status_code == 204
+    resp = alice.get(sb(sandbox, "/files/stat"), params={"path": "/workspace/d"})
+    assert resp.status_code == 404
+
+
+def test_egress_policy_and_logs(alice: Api, sandbox: str) -> None:
+    resp = alice.put(sb(sandbox, "/egress"), json={"allow_net": ["example.org"]})
+    assert resp.status_code == 200 and resp.json()["allow_net"] == ["example.org"]
+    assert alice.get(sb(sandbox, "/egress")).status_code == 200
+    kinds = [e["kind"] for e in alice.get(sb(sandbox, "/logs")).json()]
+    assert "created" in kinds and "exec" in kinds
+
+
+def test_pause_resume(alice: Api, sandbox: str) -> None:
+    assert alice.post(sb(sandbox, "/pause")).json()["state"] == "paused"
+    resp = alice.post(sb(sandbox, "/exec"), json={"cmd": "true"})
+    assert resp.status_code == 409, resp.text
+    assert alice.post(sb(sandbox, "/resume")).json()["state"] == "running"
+    assert alice.post(sb(sandbox, "/exec"), json={"cmd": "true"}).json()["exit_code"] == 0
+
+
+def test_kill_then_gone(alice: Api) -> None:
+    sandbox_id = alice.post("/v1/sandboxes", json={"runtime": "namespace"}).json()["id"]
+    resp = alice.delete(sb(sandbox_id))
+    assert resp.status_code == 200 and resp.json()["state"] == "killed"
+    assert leftovers([sandbox_id]) == []
+    resp = alice.post(sb(sandbox_id, "/exec"), json={"cmd": "true"})
+    assert resp.status_code == 410 and error_code(resp) == "sandbox_gone"
+    assert sandbox_id not in [i["id"] for i in alice.get("/v1/sandboxes").json()]
+    ended = alice.get("/v1/sandboxes", params={"all": "true"}).json()
+    assert sandbox_id in [i["id"] for i in ended]
+
+
+# ----- auth, tenants and bad input ------------------------------------------------------------
+
+def test_missing_or_wrong_key_is_401(server: Server, schema: OpenApiSchema) -> None:
+    for key in (None, "sbk_wrong"):
+        resp = Api(server.url, schema, key).get("/v1/sandboxes")
+        assert resp.status_code == 401 and error_code(resp) == "unauthorized"
+        assert resp.headers["www-authenticate"] == "Bearer"
+    resp = httpx.get(f"{server.url}/v1/sandboxes", headers={"Authorization": f"Basic {ADMIN_KEY}"})
+    assert resp.status_code == 401
+
+
+def test_only_admin_creates_keys(alice: Api, admin: Api) -> None:
+    resp = alice.post("/v1/keys", json={"tenant": "mallory"})
+    assert resp.status_code == 403 and error_code(resp) == "forbidden"
+    for bad in ("admin", "Bad Name", ""):
+        resp = admin.post("/v1/keys", json={"tenant": bad})
+        assert resp.status_code == 400 and error_code(resp) == "invalid"
+
+
+def test_other_tenants_sandbox_is_404(bob: Api, admin: Api, sandbox: str) -> None:
+    calls = [
+        ("GET", sb(sandbox), {}), ("DELETE", sb(sandbox), {}),
+        ("POST", sb(sandbox, "/exec"), {"json": {"cmd": "id"}}),
+        ("POST", sb(sandbox, "/pause"), {}), ("GET", sb(sandbox, "/logs"), {}),
+        ("GET", sb(sandbox, "/egress"), {}),
+        ("PUT", sb(sandbox, "/egress"), {"json": {"allow_net": ["*.evil.com"]}}),
+        ("GET", sb(sandbox, "/files"), {"params": {"path": "/etc/hostname"}}),
+        ("PUT", sb(sandbox, "/files"), {"params": {"path": "/tmp/x"}, "content": b"x"}),
+    ]
+    for method, path, kw in calls:
+        resp = bob.request(method, path, **kw)
+        assert resp.status_code == 404 and error_code(resp) == "not_found", (method, path)
+    unknown = bob.get(sb("sbdoesnotexist0"))
+    assert unknown.json()["error"]["message"].replace("sbdoesnotexist0", sandbox) == \
+        bob.get(sb(sandbox)).json()["error"]["message"], "404s must not tell the two apart"
+    assert sandbox not in [i["id"] for i in bob.get("/v1/sandboxes").json()]
+    assert sandbox in [i["id"] for i in admin.get("/v1/sandboxes").json()]
+    assert admin.get(sb(sandbox)).status_code == 200
+
+
+def test_bad_input_is_400_json(alice: Api, sandbox: str) -> None:
+    cases = [
+        ("POST", "/v1/sandboxes", {"content": b"{not json", "headers": {"content-type": "application/json"}}),
+        ("POST", "/v1/sandboxes", {"json": {"workspace": "/etc"}}),
+        ("POST", "/v1/sandboxes", {"json": {"no_such_field": 1}}),
+        ("POST", "/v1/sandboxes", {"json": {"memory": "lots"}}),
+        ("POST", "/v1/sandboxes", {"json": {"env": {"1BAD": "x"}}}),
+        ("POST", sb(sandbox, "/exec"), {"json": {"cmd": ""}}),
+        ("POST", sb(sandbox, "/exec"), {"json": ["not", "an", "object"]}),
+        ("GET", sb(sandbox, "/files"), {}),
+        ("PUT", sb(sandbox, "/files"), {"params": {"path": "/tmp/x", "mode": "999"}, "content": b""}),
+        ("GET", "/v1/sandboxes", {"params": {"all": "maybe"}}),
+    ]
+    for method, path, kw in cases:
+        resp = alice.request(method, path, **kw)
+        assert resp.status_code == 400, (method, path, kw, resp.text)
+        assert error_code(resp) == "invalid" and "Traceback" not in resp.text
+
+
+def test_unknown_route_is_json_404(alice: Api) -> None:
+    resp = alice.http.get("/v1/nothing-here")
+    assert resp.status_code == 404 and error_code(resp) == "not_found"
+
+
+# ----- PTY over WebSocket -----------------------------------------------------------------------
+
+async def _read_until(ws: ClientConnection, needle: bytes, timeout: float = 15) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        msg = await _recv(ws, deadline)
+        if isinstance(msg, bytes):
+            seen += msg
+    return seen
+
+
+async def _recv(ws: ClientConnection, deadline: float) -> str | bytes:
+    return await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
+
+
+def _ws_url(api: Api, sandbox_id: str, query: str) -> str:
+    return api.url.replace("http", "ws", 1) + sb(sandbox_id, "/pty") + "?" + query
+
+
+async def test_pty_interactive(alice: Api, sandbox: str) -> None:
+    headers = {"Authorization": f"Bearer {alice.key}"}
+    async with connect(_ws_url(alice, sandbox, "rows=24&cols=80"), additional_headers=headers) as ws:
+        await ws.send(b"tty\n")
+        assert b"/dev/pts/" in await _read_until(ws, b"/dev/pts/")
+        await ws.send(b"echo round-$((6*7))-trip\n")
+        await _read_until(ws, b"round-42-trip")
+        await ws.send(json.dumps({"type": "resize", "rows": 40, "cols": 123}))
+        await ws.send(b"stty size\n")
+        await _read_until(ws, b"40 123")
+        await ws.send(json.dumps({"type": "bogus"}))  # ignored, not fatal
+        await ws.send(b"exit 3\n")
+        deadline = time.monotonic() + 15
+        while True:
+            msg = await _recv(ws, deadline)
+            if isinstance(msg, str):
+                assert json.loads(msg) == {"type": "exit", "code": 3, "signal": None}
+                break
+        await ws.wait_closed()
+
+
+async def test_pty_token_query_and_refusals(alice: Api, bob: Api, sandbox: str) -> None:
+    async with connect(_ws_url(alice, sandbox, f"token={alice.key}")) as ws:
+        await ws.send(b"echo via-token\n")
+        await _read_until(ws, b"via-token")
+    for query, status in ((f"token={bob.key}", 404), ("token=sbk_wrong", 401), ("", 401)):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(_ws_url(alice, sandbox, query)):
+                pass
+        assert refused.value.response.status_code == status
+        assert json.loads(refused.value.response.body or b"{}")["error"]["code"] in (
+            "not_found", "unauthorized")
+
+
+# ----- shutdown ---------------------------------------------------------------------------------
+
+def test_shutdown_kills_every_sandbox(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "data", admin_key=None)
+    key_file = tmp_path / "data" / "admin.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_text().strip()
+    assert key not in server.log.read_text(), "the admin key must not be printed"
+    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    ids = []
+    for _ in range(2):
+        resp = http.post("/v1/sandboxes", json={"runtime": "namespace"})
+        assert resp.status_code == 201, resp.text
+        ids.append(resp.json()["id"])
+    http.post(sb(ids[0], "/exec"), json={"cmd": "sleep 600", "background": True})
+    assert all(Path(f"/run/netns/sealbox-{i}").exists() for i in ids)
+    http.close()
+    assert server.stop() == 0, server.log.read_text()
+    assert leftovers(ids) == []
+    assert str(key_file) in server.log.read_text()
