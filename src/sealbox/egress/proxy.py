@@ -144,6 +144,8 @@ class ProxyListener:
                 await stream.close()  # not a redirected connection: nothing to serve
                 return
             await handle_connection(stream, orig, self.ctx)
+        except asyncio.CancelledError:
+            pass  # close() ends open connections; the task ends here either way
         finally:
             if task is not None:
                 self._tasks.discard(task)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets as pyrandom
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import unquote
@@ -24,7 +24,6 @@ from sealbox.errors import ConfigError
 
 PLACEHOLDER_PREFIX = "sealbox-secret-"
 PLACEHOLDER_RE = re.compile(rb"sealbox-secret-[0-9a-f]{32}")
-PLACEHOLDER_LEN = len(PLACEHOLDER_PREFIX) + 32
 BODY_LIMIT = 1 << 20
 """Request bodies up to this size are buffered, rewritten and get a fixed Content-Length."""
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -142,7 +141,6 @@ class SecretContext:
         values = sorted({b.value for b in self._by_placeholder.values()}, key=len, reverse=True)
         self._value_re = re.compile(b"|".join(re.escape(v) for v in values)) if values else None
         self._to_placeholder = {b.value: b.placeholder for b in self._by_placeholder.values()}
-        self.max_value_len = max((len(v) for v in values), default=0)
 
     @property
     def placeholders(self) -> dict[str, str]:
@@ -154,6 +152,10 @@ class SecretContext:
     def binds(self, host: str | None, port: int) -> bool:
         """Whether any secret is bound to HOST:PORT (its responses may echo a value)."""
         return any(b.bound_to(host, port) for b in self._by_placeholder.values())
+
+    @property
+    def own_placeholders(self) -> list[bytes]:
+        return list(self._by_placeholder)
 
     def lookup(self, placeholder: bytes) -> Binding | None:
         return self._by_placeholder.get(placeholder)
@@ -168,8 +170,7 @@ class SecretContext:
 
     def redactor(self) -> StreamReplacer:
         """Streaming redaction of a response body: each real value becomes its placeholder."""
-        return StreamReplacer(self._value_re, self.max_value_len,
-                              lambda m: self._to_placeholder[m])
+        return StreamReplacer(self._to_placeholder, lambda m: self._to_placeholder[m])
 
     def rewriter(self, host: str | None, port: int, method: str, target: str,
                  now: datetime | None = None) -> RequestRewriter:
@@ -239,19 +240,30 @@ class RequestRewriter:
                                     f"placeholder for {binding.name} in a request body over "
                                     f"{BODY_LIMIT} bytes")
             return self.decide(binding, "body")
-        return StreamReplacer(PLACEHOLDER_RE, PLACEHOLDER_LEN, replace)
+        # Only this sandbox's placeholders matter: any other is plain text here.
+        return StreamReplacer(self.ctx.own_placeholders, replace)
 
 
 class StreamReplacer:
-    """Replaces PATTERN matches in a byte stream, holding back a tail that might be the start
-    of a match split across chunks (KEEP: the longest possible match)."""
+    """Replaces occurrences of TARGETS in a byte stream. A tail that could be the start of a
+    target split across chunks is held back, and only such a tail, so a streamed response
+    is not delayed by more than it must be."""
 
-    def __init__(self, pattern: re.Pattern[bytes] | None, keep: int,
-                 replace: Callable[[bytes], bytes]) -> None:
-        self._pattern = pattern
-        self._keep = max(keep - 1, 0)
+    def __init__(self, targets: Collection[bytes], replace: Callable[[bytes], bytes]) -> None:
+        self._targets = sorted(targets, key=len, reverse=True)
+        self._pattern = (re.compile(b"|".join(re.escape(t) for t in self._targets))
+                         if self._targets else None)
         self._replace = replace
         self._tail = b""
+
+    def _partial(self, buf: bytes, start: int) -> int:
+        """Length of the longest suffix of BUF[START:] that a target starts with."""
+        longest = len(self._targets[0]) - 1 if self._targets else 0
+        for k in range(min(longest, len(buf) - start), 0, -1):
+            suffix = buf[len(buf) - k:]
+            if any(t.startswith(suffix) for t in self._targets):
+                return k
+        return 0
 
     def feed(self, data: bytes) -> bytes:
         if self._pattern is None:
@@ -263,8 +275,7 @@ class StreamReplacer:
             out.append(buf[pos:m.start()])
             out.append(self._replace(m.group()))
             pos = m.end()
-        # A match not yet complete starts at or after len(buf) - keep.
-        cut = max(pos, len(buf) - self._keep)
+        cut = len(buf) - self._partial(buf, pos)
         out.append(buf[pos:cut])
         self._tail = buf[cut:]
         return b"".join(out)
