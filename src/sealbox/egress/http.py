@@ -434,7 +434,14 @@ class HttpSession:
         if encoding in (b"", b"identity"):
             return None
         if encoding in (b"gzip", b"x-gzip", b"deflate"):
-            return zlib.decompressobj(wbits=47).decompress  # 47: zlib or gzip header
+            inflater = zlib.decompressobj(wbits=47)  # 47: a zlib or a gzip header
+
+            def decode(data: bytes) -> bytes:
+                try:
+                    return inflater.decompress(data)
+                except zlib.error as exc:
+                    raise ConnectionError(f"bad {encoding!r} body from upstream") from exc
+            return decode
         raise Refusal(502, "unsupported-encoding",
                       f"{dest.host} answered with content-encoding "
                       f"{encoding.decode('latin-1')!r}, which the gateway cannot inspect",
