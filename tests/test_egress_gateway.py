@@ -85,8 +85,8 @@ async def test_attachment_shape(sandbox: Sandbox) -> None:
     for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE"):
         assert a.env[var] == "/etc/ssl/certs/ca-certificates.crt"
     assert set(a.ro_files) == {"/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt",
-                               "/etc/sealbox/ca.pem"}
-    ca_pem = a.ro_files["/etc/sealbox/ca.pem"].read_bytes()
+                               "/run/sealbox/ca.pem"}
+    ca_pem = a.ro_files["/run/sealbox/ca.pem"].read_bytes()
     assert ca_pem in a.ro_files["/etc/ssl/certs/ca-certificates.crt"].read_bytes()
     assert a.ro_files["/etc/resolv.conf"].read_text().startswith("nameserver 10.")
     for path in a.ro_files.values():

@@ -9,6 +9,7 @@ from sealbox.cli.exec import exec_, shell
 from sealbox.cli.files import cp
 from sealbox.cli.run import run
 from sealbox.cli.sandboxes import create, egress, kill, logs, ls
+from sealbox.cli.server import server
 
 app = typer.Typer(
     name="sealbox", no_args_is_help=True, add_completion=False,
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 app.command(context_settings={"allow_interspersed_args": False})(run)
 app.command()(doctor)
+app.command()(server)
 app.command()(create)
 app.command()(ls)
 app.command("exec", context_settings={"allow_interspersed_args": False})(exec_)

@@ -138,7 +138,7 @@ class Gateway:
         for path in (resolv, bundle, ca_pem):
             path.chmod(0o644)
         return {"/etc/resolv.conf": resolv, SANDBOX_BUNDLE: bundle,
-                "/etc/sealbox/ca.pem": ca_pem}
+                "/run/sealbox/ca.pem": ca_pem}
 
     async def set_policy(self, sandbox_id: str, allow_net: list[str]) -> None:
         """Replace a sandbox's allowlist; its next DNS answer and next request use it."""

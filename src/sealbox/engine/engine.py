@@ -82,7 +82,7 @@ class Engine:
         if self._started:
             return
         await self.gateway.start()
-        self.reconcile()
+        await asyncio.to_thread(self.reconcile)
         self._started = True
 
     async def close(self) -> None:
@@ -145,7 +145,8 @@ class Engine:
         ns = netns_name(sandbox_id)
         running: RunningSandbox | None = None
         try:
-            netns.create(ns)
+            # pyroute2's netns calls run their own loop: keep them off ours.
+            await asyncio.to_thread(netns.create, ns)
             attachment = await self.gateway.attach(
                 sandbox_id, ns, list(spec.allow_net), dict(spec.secrets), run_dir
             )
@@ -164,7 +165,7 @@ class Engine:
             if running is not None:
                 await running.kill()
             await self.gateway.detach(sandbox_id)
-            self._remove_leftovers(sandbox_id)
+            await asyncio.to_thread(self._remove_leftovers, sandbox_id)
             info.state = SandboxState.failed
             info.ended_at = now()
             info.end_reason = f"failed to start: {exc}"
@@ -208,7 +209,7 @@ class Engine:
             await live.runtime.kill()
             await self.gateway.detach(sandbox_id)
         finally:
-            self._remove_leftovers(sandbox_id)
+            await asyncio.to_thread(self._remove_leftovers, sandbox_id)
             self._live.pop(sandbox_id, None)
             live.info.state = state
             live.info.ended_at = now()

@@ -1,0 +1,38 @@
+"""`sealbox server`: the REST control plane for this installation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sealbox.cli.common import ResolveOpt, UpstreamCaOpt, fail, parse_cas, parse_pins
+from sealbox.engine.units import parse_duration
+from sealbox.errors import ConfigError
+
+
+def server(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 7411,
+    data_dir: Annotated[Optional[Path], typer.Option(help="state, keys, CA, logs")] = None,
+    max_timeout: Annotated[Optional[str], typer.Option(
+        help="longest sandbox lifetime callers may ask for (e.g. 2h); default: no cap")] = None,
+    resolve: ResolveOpt = None, upstream_ca: UpstreamCaOpt = None,
+    ssh_port: Annotated[Optional[int], typer.Option(help="start the SSH gateway on PORT")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve the REST API (and optionally the SSH gateway) until interrupted."""
+    from sealbox.api.server import run_server
+
+    try:
+        parse_pins(resolve or [])
+        parse_cas(upstream_ca or [])
+        cap = parse_duration(max_timeout) if max_timeout else None
+    except ConfigError as exc:
+        fail(f"error: {exc.message}", 2)
+    if ssh_port is not None:
+        fail("error: the SSH gateway is not available in this version", 2)
+    run_server(host=host, port=port, data_dir=data_dir, max_timeout=cap,
+               resolve=list(resolve or []), upstream_ca=list(upstream_ca or []),
+               log_level=log_level)
