@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -281,7 +281,7 @@ class GuestClient:
 
     # ----- files ----------------------------------------------------------------------------
 
-    async def read_file(self, path: str) -> AsyncIterator[bytes]:
+    async def read_file(self, path: str) -> AsyncGenerator[bytes, None]:
         """The file's bytes in chunks, streamed (relative paths are under /workspace)."""
         mid, op = self._open()
         finished = False
