@@ -21,7 +21,7 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"sealbox: {message}", markup=False)
+    err_console.print(f"sealbox: {message}", markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

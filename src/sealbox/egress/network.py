@@ -151,7 +151,7 @@ class Network:
             current = nft.table_comment(listing) if listing is not None else None
             if current == self._comment and not force:
                 return
-            if current is not None and net.host_links(IF_PREFIX):
+            if current not in (None, self._comment) and net.host_links(IF_PREFIX):
                 # Another gateway on this host redirects its sandboxes to other ports;
                 # replacing its rules would hand its sandboxes to us or to nobody.
                 raise EgressError(

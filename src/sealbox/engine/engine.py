@@ -50,6 +50,9 @@ class _Live:
     runtime: RunningSandbox
     guest: GuestClient
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when ending starts (so it happens once)."""
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when everything of the sandbox has been removed and its final state recorded."""
     timer: asyncio.TimerHandle | None = None
     watcher: asyncio.Task[None] | None = None
 
@@ -199,6 +202,7 @@ class Engine:
 
     async def _finish(self, live: _Live, state: SandboxState, reason: str) -> None:
         if live.ended.is_set():
+            await live.gone.wait()
             return
         live.ended.set()
         sandbox_id = live.info.id
@@ -216,6 +220,7 @@ class Engine:
             live.info.end_reason = reason
             self.store.put(live.info)
             self.events.write(sandbox_id, "ended", state=state.value, reason=reason)
+            live.gone.set()
 
     async def kill(self, sandbox_id: str, owner: str | None = None,
                    reason: str = "killed by request") -> SandboxInfo:
@@ -228,7 +233,7 @@ class Engine:
     async def wait(self, sandbox_id: str) -> SandboxInfo:
         live = self._live.get(sandbox_id)
         if live is not None:
-            await live.ended.wait()
+            await live.gone.wait()
         return self.get(sandbox_id)
 
     async def pause(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
@@ -320,8 +325,9 @@ class Engine:
                 stdout: bytes, stderr: bytes) -> ExecResult:
         after = live.runtime.limit_events()
         limit = next((k for k, v in after.items() if v > before.get(k, 0)), None)
-        if status.signal is None:
-            limit = None if limit == "memory" else limit
+        killed = status.signal is not None or status.exit_code > 128
+        if limit == "memory" and not killed:
+            limit = None  # an OOM kill elsewhere in the sandbox did not end this command
         return ExecResult(
             exit_code=status.exit_code, stdout=stdout.decode(errors="replace"),
             stderr=stderr.decode(errors="replace"), signal=status.signal,

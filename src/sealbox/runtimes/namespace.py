@@ -162,7 +162,7 @@ class NamespaceSandbox:
                 args += ["--symlink", os.readlink(p), str(p)]
             elif p.is_dir():
                 args += ["--ro-bind", str(p), str(p)]
-        args += ["--proc", "/proc", "--dev", "--tmpfs", "/run", "--dir", "/var"]
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run", "--dir", "/var"]
         for path in ("/tmp", "/var/tmp") + (() if spec.workspace else ("/workspace",)):
             args += (["--size", disk] if disk else []) + ["--tmpfs", path]
         if spec.workspace:

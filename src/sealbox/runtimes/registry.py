@@ -5,6 +5,7 @@ from __future__ import annotations
 from sealbox.errors import ConfigError, RuntimeUnavailable
 from sealbox.runtimes.base import Probe, Runtime
 from sealbox.runtimes.gvisor import GvisorRuntime
+from sealbox.runtimes.microvm import MicrovmRuntime
 from sealbox.runtimes.namespace import NamespaceRuntime
 
 _RUNTIMES: dict[str, Runtime] = {}
@@ -41,3 +42,4 @@ def lookup(name: str) -> Runtime:
 
 register(NamespaceRuntime())
 register(GvisorRuntime())
+register(MicrovmRuntime())

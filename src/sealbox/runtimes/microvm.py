@@ -1,0 +1,419 @@
+"""The `microvm` tier: each sandbox is a QEMU ``-M microvm`` guest with its own kernel.
+
+KVM is used when a probe boot under it answers within a few seconds (nested PVM hosts hang
+stock kernels), TCG otherwise. The guest agent speaks over a virtio-serial port whose host end
+is a unix socket. The guest's ``/usr`` is a read-only image of the host's (see
+`microvm_image`); its root is its initramfs; ``/workspace`` and ``/tmp`` are tmpfs inside the
+guest, sized by the disk limit and counted in its memory.
+
+QEMU itself runs as an unprivileged per-sandbox uid, under its seccomp sandbox, inside the
+sandbox's network namespace and cgroup (guest memory plus overhead). Limits inside the guest:
+memory is the VM size, CPUs the vCPU count and the cgroup quota, pids an RLIMIT_NPROC of the
+sandbox user. What it does not defend against: bugs in QEMU's device models reachable from
+the guest (virtio-mmio blk/net/serial, serial port, TCG itself) combined with a host-kernel
+bug reachable under QEMU's seccomp filter; a host ``workspace`` directory is not shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from sealbox._sys import tap
+from sealbox._sys.cgroups import Cgroup
+from sealbox.errors import ConfigError, RuntimeUnavailable, SandboxError
+from sealbox.guest.client import GuestClient
+from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe
+from sealbox.runtimes.microvm_image import Assets, sandbox_archive
+from sealbox.runtimes.namespace import (
+    GUEST_FILES,
+    HOST_UID_BASE,
+    host_uid_for,
+    prepare_run_dir,
+    sandbox_env,
+)
+
+QEMU = "qemu-system-x86_64"
+DEFAULT_MEMORY = 512 << 20
+# QEMU's own memory beside guest RAM: device state, I/O buffers and the TCG code cache.
+VMM_OVERHEAD = 256 << 20
+TCG_CACHE_MB = 64
+VMM_PIDS = 128
+KVM_PROBE_TIMEOUT = 3.0
+TCG_PROBE_TIMEOUT = 60.0
+BOOT_TIMEOUT = 90.0
+CONSOLE_LOG_CAP = 1 << 20
+_PORT = "/dev/virtio-ports/sealbox"
+_SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str
+    """``kvm`` or ``tcg``."""
+    args: tuple[str, ...]
+    cmdline: str
+    groups: tuple[int, ...] = ()
+    """Extra groups QEMU needs (the group that may open /dev/kvm)."""
+
+
+def _kvm_group() -> int | None:
+    """The group that can open /dev/kvm, if one can: QEMU never runs as root, so KVM needs it."""
+    st = os.stat("/dev/kvm")
+    return st.st_gid if st.st_gid != 0 and st.st_mode & 0o060 == 0o060 else None
+
+
+def _tsc_khz() -> int | None:
+    """The host TSC rate. TCG guests read the host's TSC but cannot calibrate it against
+    microvm's emulated timers reliably (the kernel then hangs), so they are told."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    if " constant_tsc" not in info:
+        return None
+    for line in info.splitlines():
+        if line.startswith("cpu MHz"):
+            return int(float(line.split(":")[1]) * 1000)
+    return None
+
+
+def _accel(name: str) -> Accel:
+    if name == "kvm":
+        group = _kvm_group()
+        return Accel("kvm", ("-accel", "kvm", "-cpu", "host"), "",
+                     (group,) if group is not None else ())
+    khz = _tsc_khz()
+    return Accel("tcg", ("-accel", f"tcg,tb-size={TCG_CACHE_MB}", "-cpu", "max"),
+                 f"tsc_early_khz={khz}" if khz else "")
+
+
+def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: int, vcpus: int,
+              net_mac: str | None) -> list[str]:
+    args = [
+        QEMU, "-M", "microvm,rtc=on,pit=on", *accel.args, "-m", f"{memory >> 20}M",
+        "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-sandbox", _SECCOMP,
+        "-kernel", str(assets.kernel), "-initrd", str(initrd),
+        # panic=-1 reboots on a guest panic, and -no-reboot turns every reboot into an exit.
+        "-append", f"console=ttyS0 panic=-1 quiet {accel.cmdline}".strip(),
+        "-serial", "stdio",
+        "-drive", f"if=none,id=usr,file={assets.usr_image},format=raw,readonly=on",
+        "-device", "virtio-blk-device,drive=usr",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=sealbox",
+    ]
+    if net_mac:
+        args += ["-netdev", f"tap,id=net0,ifname={tap.TAP},script=no,downscript=no",
+                 "-device", f"virtio-net-device,netdev=net0,mac={net_mac}"]
+    return args
+
+
+def guest_files(spec: LaunchSpec, net: tap.GuestNet | None) -> dict[str, bytes]:
+    """The per-sandbox archive: start-up settings, agent, /etc entries, read-only files."""
+    limits = spec.limits
+    disk = str(limits.disk_bytes) if limits.disk_bytes else "50%"
+    argv = [f"{k}={v}" for k, v in sandbox_env(spec).items()]
+    argv += ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--serial", _PORT]
+    settings = {
+        "SBX_HOSTNAME": spec.hostname, "SBX_DISK": disk,
+        "SBX_ADDRESS": net.address if net else "", "SBX_GATEWAY": net.gateway if net else "",
+        "SBX_NPROC": str(limits.pids or ""),
+    }
+    config = "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items())
+    config += f"set -- {shlex.join(argv)}\n"
+    files = {".init/sandbox/config.sh": config.encode()}
+    prefix = ".init/sandbox/files"
+    for name in GUEST_FILES:
+        files[f"{prefix}/.sealbox/{name}"] = (spec.run_dir / "guest" / name).read_bytes()
+    for name in ("passwd", "group", "hostname", "hosts"):
+        files[f"{prefix}/etc/{name}"] = (spec.run_dir / "etc" / name).read_bytes()
+    for inside, host in spec.ro_files.items():
+        files[f"{prefix}/{inside.lstrip('/')}"] = host.read_bytes()
+    return files
+
+
+def _write_initrd(target: Path, assets: Assets, files: dict[str, bytes]) -> None:
+    with open(target, "wb") as out:
+        out.write(sandbox_archive(files))
+        with open(assets.initrd, "rb") as base:
+            shutil.copyfileobj(base, out)
+
+
+# ----- probe -----------------------------------------------------------------------------------
+def _probe_boot(assets: Assets, accel: Accel, timeout: float, uid: int) -> str | None:
+    """Boot a VM whose guest writes one line to the agent port; None if it did, else why not."""
+    with tempfile.TemporaryDirectory(prefix="sealbox-microvm-probe-") as tmp_name:
+        tmp = Path(tmp_name)
+        os.chown(tmp, uid, uid)
+        run_dir = tmp / "run"
+        spec = LaunchSpec(sandbox_id="probe", netns="", run_dir=run_dir, limits=Limits())
+        prepare_run_dir(spec)
+        files = guest_files(spec, None)
+        files[".init/sandbox/config.sh"] += (
+            "set -- /usr/bin/python3 -I -c "
+            + shlex.quote(f"open({_PORT!r}, 'wb', 0).write(b'sealbox-ok\\n')") + "\n"
+        ).encode()
+        initrd = tmp / "initrd.img"
+        _write_initrd(initrd, assets, files)
+        sock = tmp / "agent.sock"
+        args = qemu_args(assets, accel, initrd, sock, 256 << 20, 1, None)
+        start = time.monotonic()
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, user=uid, group=uid,
+                                extra_groups=list(accel.groups))
+        try:
+            answer = _read_probe_answer(sock, proc, start + timeout)
+            exited = proc.poll() is not None
+        finally:
+            proc.kill()
+            out = proc.communicate()[0].decode(errors="replace").strip()
+        if answer:
+            return None
+        if exited:
+            return f"qemu exited: {out.splitlines()[-1][:200] if out else 'no output'}"
+        return f"guest did not boot within {timeout:g} s"
+
+
+def _read_probe_answer(sock: Path, proc: subprocess.Popen[bytes], deadline: float) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with s:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                s.connect(str(sock))
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            return False
+        data = b""
+        while b"\n" not in data and time.monotonic() < deadline:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = s.recv(64)
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            data += chunk
+        return data.startswith(b"sealbox-ok")
+
+
+@lru_cache(maxsize=1)
+def _probe() -> tuple[Probe, Accel | None]:
+    if not shutil.which(QEMU):
+        return Probe(False, f"{QEMU} is not installed (apt-get install qemu-system-x86)"), None
+    assets = Assets.load()
+    if assets is None:
+        return Probe(False, "microvm assets are missing: run scripts/microvm-assets"), None
+    kvm_why = "no /dev/kvm"
+    if os.path.exists("/dev/kvm"):
+        kvm = _accel("kvm")
+        # Whether a guest boots at all is tested as root; sandboxes need the kvm group.
+        why = _probe_boot(assets, kvm, KVM_PROBE_TIMEOUT, HOST_UID_BASE if kvm.groups else 0)
+        if why is None and kvm.groups:
+            return Probe(True, f"qemu microvm, KVM, kernel {assets.kernel_version}"), kvm
+        kvm_why = (f"KVM present but {why}" if why else
+                   "KVM boots but /dev/kvm is root-only (give it a kvm group, mode 0660)")
+    tcg = _accel("tcg")
+    why = _probe_boot(assets, tcg, TCG_PROBE_TIMEOUT, HOST_UID_BASE)
+    if why is not None:
+        return Probe(False, f"qemu microvm does not boot here ({kvm_why}; TCG: {why})"), None
+    return Probe(True, f"qemu microvm, TCG: {kvm_why}; kernel {assets.kernel_version}"), tcg
+
+
+class MicrovmRuntime:
+    name = "microvm"
+    strength = 30
+
+    def probe(self) -> Probe:
+        return _probe()[0]
+
+    async def start(self, spec: LaunchSpec) -> MicrovmSandbox:
+        probe, accel = await asyncio.get_running_loop().run_in_executor(None, _probe)
+        assets = Assets.load()
+        if accel is None or assets is None:
+            raise RuntimeUnavailable(f"microvm tier unavailable: {probe.detail}")
+        if spec.workspace is not None:
+            raise ConfigError("the microvm tier cannot mount a host workspace directory yet; "
+                              "use --runtime namespace or gvisor for --workspace")
+        sb = MicrovmSandbox(spec, assets, accel)
+        try:
+            await sb.launch()
+        except BaseException:
+            await sb.kill()
+            raise
+        return sb
+
+    def cleanup_orphans(self, live_ids: set[str]) -> list[str]:
+        from sealbox._sys import cgroups
+
+        # The VMM is the only process in a microVM sandbox's cgroup: emptying it ends the VM.
+        gone = [n for n in cgroups.list_names() if n not in live_ids]
+        for name in gone:
+            cg = Cgroup(name)
+            cg.kill_all()
+            cg.remove()
+        return gone
+
+
+class MicrovmSandbox:
+    def __init__(self, spec: LaunchSpec, assets: Assets, accel: Accel) -> None:
+        self.spec = spec
+        self.sandbox_id = spec.sandbox_id
+        self.assets = assets
+        self.accel = accel
+        self.cgroup = Cgroup(spec.sandbox_id)
+        self.proc: asyncio.subprocess.Process | None = None
+        self._private = spec.run_dir / "private"
+        self._uid = host_uid_for(spec.sandbox_id)
+        self._console = b""
+        self._console_task: asyncio.Task[None] | None = None
+        self._tap = False
+        self._killed = False
+        self.boot_seconds: float | None = None
+        self._started = 0.0
+
+    @property
+    def socket_path(self) -> Path:
+        return self._private / "agent.sock"
+
+    @property
+    def memory(self) -> int:
+        return self.spec.limits.memory_bytes or DEFAULT_MEMORY
+
+    def _setup(self) -> list[str]:
+        """Blocking part of the launch: files, network, cgroup. Returns QEMU's argv."""
+        spec = self.spec
+        prepare_run_dir(spec)
+        self._private.mkdir(mode=0o700, exist_ok=True)
+        os.chown(self._private, self._uid, self._uid)
+        net = tap.guest_net(spec.netns)
+        mac = None
+        if net is not None:
+            tap.bridge_tap(spec.netns, self._uid)
+            self._tap = True
+            mac = "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
+        initrd = self._private / "initrd.img"
+        _write_initrd(initrd, self.assets, guest_files(spec, net))
+        lim = spec.limits
+        self.cgroup.create(lim.cpus, self.memory + VMM_OVERHEAD, VMM_PIDS)
+        vcpus = max(1, math.ceil(lim.cpus or 1))
+        return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
+                         mac)
+
+    async def launch(self) -> None:
+        loop = asyncio.get_running_loop()
+        args = await loop.run_in_executor(None, self._setup)
+        self._started = time.monotonic()
+        self.proc = await asyncio.create_subprocess_exec(
+            *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=tap.enter_vmm(self.spec.netns, self.cgroup, self._uid,
+                                     list(self.accel.groups)),
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        self._console_task = asyncio.ensure_future(self._read_console(self.proc.stdout))
+
+    async def _read_console(self, stream: asyncio.StreamReader) -> None:
+        """Keep the guest console (and QEMU's errors): the tail in memory, the head on disk,
+        both capped so a guest flooding its console costs the host nothing."""
+        written = 0
+        with (self._private / "console.log").open("wb") as log:
+            while chunk := await stream.read(65536):
+                self._console = (self._console + chunk)[-65536:]
+                if written < CONSOLE_LOG_CAP:
+                    log.write(chunk[:CONSOLE_LOG_CAP - written])
+                    log.flush()
+                    written += len(chunk)
+
+    def console(self) -> str:
+        return self._console.decode(errors="replace")
+
+    async def connect(self) -> GuestClient:
+        if self.proc is None or self.proc.returncode is not None:
+            raise SandboxError(f"microVM is not running: {self.console()[-2000:] or 'it exited'}")
+        attempt = asyncio.ensure_future(self._connect())
+        exited = asyncio.ensure_future(self.proc.wait())
+        done, _ = await asyncio.wait({attempt, exited}, timeout=BOOT_TIMEOUT,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if attempt in done:
+            exited.cancel()
+            client = attempt.result()
+            if self.boot_seconds is None:
+                self.boot_seconds = time.monotonic() - self._started
+            return client
+        attempt.cancel()
+        exited.cancel()
+        why = "exited during boot" if exited in done else f"did not boot in {BOOT_TIMEOUT:g} s"
+        raise SandboxError(f"microVM {why}: {self.console()[-2000:] or 'no console output'}")
+
+    async def _connect(self) -> GuestClient:
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.socket_path),
+                                                                    limit=1 << 22)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.05)
+        client = await GuestClient.from_streams(reader, writer)
+        await client.ping()
+        return client
+
+    def limit_events(self) -> dict[str, int]:
+        # Guest OOM kills are printed on its console; the VMM's own show in its cgroup.
+        guest_ooms = self._console.count(b"Out of memory: Killed process")
+        return {"memory": guest_ooms + self.cgroup.oom_kills(), "pids": 0}
+
+    async def wait(self) -> ExitInfo:
+        if self.proc is None:
+            raise SandboxError("microVM was never started")
+        code = await self.proc.wait()
+        if self._console_task is not None:
+            await self._console_task
+        limit = next((k for k, v in self.limit_events().items() if v > 0), None)
+        detail = self.console()[-2000:]
+        if "Kernel panic" in detail:
+            detail = "guest kernel panic: " + detail
+        return ExitInfo(code=code, limit=limit, detail=detail)
+
+    async def kill(self) -> None:
+        if self._killed:
+            return
+        self._killed = True
+        loop = asyncio.get_running_loop()
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        if self.cgroup.exists():
+            await loop.run_in_executor(None, self.cgroup.kill_all)
+        if self.proc is not None:
+            await self.proc.wait()
+        if self._console_task is not None:
+            await self._console_task
+        await loop.run_in_executor(None, self._teardown)
+
+    def _teardown(self) -> None:
+        self.cgroup.remove()
+        if self._tap:
+            tap.remove_tap(self.spec.netns)
+        shutil.rmtree(self._private, ignore_errors=True)
+
+    async def pause(self) -> None:
+        self.cgroup.freeze(True)
+
+    async def resume(self) -> None:
+        self.cgroup.freeze(False)
+
