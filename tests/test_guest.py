@@ -6,12 +6,14 @@ import asyncio
 import hashlib
 import json
 import os
+import pty
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
+import tty
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -306,6 +308,54 @@ async def test_stdio_mode(agent: Agent) -> None:
     finally:
         await client.close()
         assert await asyncio.wait_for(proc.wait(), 5) == 0  # exits when the stream ends
+
+
+async def test_listen_fd_mode(agent: Agent) -> None:
+    """How the namespace tier starts it: a listening socket inherited as a bare fd."""
+    listener = socket.socket(socket.AF_UNIX)
+    path = agent.socket.with_name("inherited.sock")
+    listener.bind(str(path))
+    listener.listen()
+    proc = await asyncio.create_subprocess_exec(
+        SYSTEM_PYTHON, "-I", str(AGENT), "--listen-fd", str(listener.fileno()),
+        "--workspace", str(agent.workspace), pass_fds=[listener.fileno()])
+    listener.close()
+    try:
+        client = await GuestClient.connect_unix(path)
+        assert (await client.ping())["pid"] == proc.pid
+        await client.close()
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_serial_mode(agent: Agent) -> None:
+    """How the microVM tier will use it: one character device as the whole channel."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # before the agent starts: an echoing terminal would corrupt frames
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-I", str(AGENT), "--serial", os.ttyname(slave),
+        "--workspace", str(agent.workspace))
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                 os.fdopen(master, "rb", 0))
+    transport, proto = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
+        os.fdopen(os.dup(master), "wb", 0))
+    client = await GuestClient.from_streams(
+        reader, asyncio.StreamWriter(transport, proto, None, loop))
+    try:
+        assert (await asyncio.wait_for(client.ping(), 10))["pid"] == proc.pid
+        assert (await (await client.exec(["echo", "serial"])).collect())[0] == b"serial\n"
+        data = os.urandom(300_000)  # every byte value, through a raw terminal
+        await client.write_file("s.bin", data)
+        assert await client.read_bytes("s.bin") == data
+    finally:
+        await client.close()
+        proc.kill()
+        await proc.wait()
+        os.close(slave)
 
 
 # ----- files -----------------------------------------------------------------------------

@@ -243,7 +243,7 @@ class Agent:
                 await asyncio.sleep(0.5)
                 continue
             if os.isatty(fd):
-                tty.setraw(fd)
+                tty.setraw(fd, termios.TCSANOW)  # TCSAFLUSH would drop what the host sent
             await self.serve_fds(fd, os.dup(fd))
             await asyncio.sleep(0.1)
 
