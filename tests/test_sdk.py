@@ -18,7 +18,8 @@ from sealbox.sdk.sync_sandbox import Files
 def public(cls: type) -> dict[str, inspect.Signature]:
     out = {}
     for name, member in inspect.getmembers(cls):
-        if name.startswith("_") and name not in ("__enter__", "__exit__"):
+        if name.startswith("_") and name not in ("__enter__", "__exit__", "__aenter__",
+                                                 "__aexit__"):
             continue
         if callable(member):
             out[name] = inspect.signature(member)

@@ -49,10 +49,10 @@ def run(
                             write_out(item.stream, item.data)
                         else:
                             result = item
-                except SandboxGone:
-                    info = await sb.refresh()
-                    err_console.print(f"sealbox: killed: {info.end_reason}", markup=False)
-                    return 124 if info.end_reason and "timeout" in info.end_reason else 137
+                except SandboxGone as exc:
+                    reason = str(exc.details.get("reason") or exc.message)
+                    err_console.print(f"sealbox: killed: {reason}", markup=False, soft_wrap=True)
+                    return 124 if "timeout" in reason else 137
                 if result is None:
                     raise SandboxGone("the sandbox ended before the command finished")
                 if result.limit:

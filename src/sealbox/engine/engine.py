@@ -62,8 +62,9 @@ def describe_limit(limit: str, info: SandboxInfo) -> str:
         return f"out of memory (limit {format_size(info.memory)})"
     if limit == "pids" and info.pids:
         return f"process limit reached (limit {info.pids} processes)"
-    if limit == "timeout":
-        return "sandbox timeout reached"
+    if limit == "timeout" and info.expires_at:
+        seconds = (info.expires_at - info.created_at).total_seconds()
+        return f"sandbox timeout reached (limit {seconds:g}s)"
     return f"{limit} limit reached"
 
 
@@ -305,12 +306,21 @@ class Engine:
         handle = await self.exec(sandbox_id, req, owner)
         out: list[bytes] = []
         err: list[bytes] = []
-        async for item in handle:
-            if isinstance(item, Output):
-                (err if item.stream == "stderr" else out).append(item.data)
-                yield item
-            else:
-                yield self._result(live, before, item, b"".join(out), b"".join(err))
+        try:
+            async for item in handle:
+                if isinstance(item, Output):
+                    (err if item.stream == "stderr" else out).append(item.data)
+                    yield item
+                else:
+                    yield self._result(live, before, item, b"".join(out), b"".join(err))
+        except SandboxGone:
+            # The sandbox ended under the command: say why, once teardown has recorded it.
+            try:
+                await asyncio.wait_for(live.gone.wait(), timeout=15)
+            except asyncio.TimeoutError:
+                raise SandboxGone(f"sandbox {sandbox_id} ended during the command") from None
+            raise SandboxGone(f"sandbox {sandbox_id} ended: {live.info.end_reason}",
+                              reason=live.info.end_reason) from None
 
     async def run(self, sandbox_id: str, req: ExecRequest, owner: str | None = None) -> ExecResult:
         result: ExecResult | None = None

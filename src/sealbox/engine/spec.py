@@ -11,10 +11,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sealbox.egress.secrets import SecretSpec
 from sealbox.engine.units import parse_duration, parse_size
+from sealbox.errors import ConfigError
 
 RuntimeName = Literal["auto", "namespace", "gvisor", "microvm"]
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_TIMEOUT = 1800.0
+
+
+def _duration(v: Any) -> float | None:
+    # ValueError, not ConfigError, so pydantic names the field in its message.
+    try:
+        return None if v is None else parse_duration(v)
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None
 
 
 class SandboxSpec(BaseModel):
@@ -37,12 +46,15 @@ class SandboxSpec(BaseModel):
     @field_validator("timeout", mode="before")
     @classmethod
     def _timeout(cls, v: Any) -> float | None:
-        return None if v is None else parse_duration(v)
+        return _duration(v)
 
     @field_validator("memory", "disk", mode="before")
     @classmethod
     def _size(cls, v: Any) -> int | None:
-        return None if v is None else parse_size(v)
+        try:
+            return None if v is None else parse_size(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("memory")
     @classmethod
@@ -114,7 +126,7 @@ class ExecRequest(BaseModel):
     @field_validator("timeout", mode="before")
     @classmethod
     def _timeout(cls, v: Any) -> float | None:
-        return None if v is None else parse_duration(v)
+        return _duration(v)
 
 
 class ExecResult(BaseModel):
