@@ -100,7 +100,7 @@ def _accel(name: str) -> Accel:
 
 
 def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: int, vcpus: int,
-              net_mac: str | None) -> list[str]:
+              tap_fd: int | None = None) -> list[str]:
     args = [
         QEMU, "-M", "microvm,rtc=on,pit=on", *accel.args, "-m", f"{memory >> 20}M",
         "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -115,9 +115,10 @@ def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: in
         "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=sealbox",
     ]
-    if net_mac:
-        args += ["-netdev", f"tap,id=net0,ifname={tap.TAP},script=no,downscript=no",
-                 "-device", f"virtio-net-device,netdev=net0,mac={net_mac}"]
+    if tap_fd is not None:
+        mac = "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
+        args += ["-netdev", f"tap,id=net0,fd={tap_fd}",
+                 "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
     return args
 
 
@@ -169,7 +170,7 @@ def _probe_boot(assets: Assets, accel: Accel, timeout: float, uid: int) -> str |
         initrd = tmp / "initrd.img"
         _write_initrd(initrd, assets, files)
         sock = tmp / "agent.sock"
-        args = qemu_args(assets, accel, initrd, sock, 256 << 20, 1, None)
+        args = qemu_args(assets, accel, initrd, sock, 256 << 20, 1)
         start = time.monotonic()
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, user=uid, group=uid,
@@ -282,6 +283,7 @@ class MicrovmSandbox:
         self._console = b""
         self._console_task: asyncio.Task[None] | None = None
         self._tap = False
+        self._tap_fd: int | None = None
         self._killed = False
         self.boot_seconds: float | None = None
         self._started = 0.0
@@ -301,18 +303,17 @@ class MicrovmSandbox:
         self._private.mkdir(mode=0o700, exist_ok=True)
         os.chown(self._private, self._uid, self._uid)
         net = tap.guest_net(spec.netns)
-        mac = None
         if net is not None:
-            tap.bridge_tap(spec.netns, self._uid)
             self._tap = True
-            mac = "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
+            tap.bridge_tap(spec.netns)
+            self._tap_fd = tap.open_tap(spec.netns)
         initrd = self._private / "initrd.img"
         _write_initrd(initrd, self.assets, guest_files(spec, net))
         lim = spec.limits
         self.cgroup.create(lim.cpus, self.memory + VMM_OVERHEAD, VMM_PIDS)
         vcpus = max(1, math.ceil(lim.cpus or 1))
         return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
-                         mac)
+                         self._tap_fd)
 
     async def launch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -322,8 +323,12 @@ class MicrovmSandbox:
             *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             preexec_fn=tap.enter_vmm(self.spec.netns, self.cgroup, self._uid,
                                      list(self.accel.groups)),
-            start_new_session=True,
+            start_new_session=True, pass_fds=() if self._tap_fd is None else (self._tap_fd,),
         )
+        if self._tap_fd is not None:
+            # QEMU holds it now; ours would keep the tap's queue open after QEMU dies.
+            os.close(self._tap_fd)
+            self._tap_fd = None
         assert self.proc.stdout is not None
         self._console_task = asyncio.ensure_future(self._read_console(self.proc.stdout))
 
@@ -406,6 +411,9 @@ class MicrovmSandbox:
         await loop.run_in_executor(None, self._teardown)
 
     def _teardown(self) -> None:
+        if self._tap_fd is not None:
+            os.close(self._tap_fd)
+            self._tap_fd = None
         self.cgroup.remove()
         if self._tap:
             tap.remove_tap(self.spec.netns)
