@@ -54,7 +54,7 @@ def main() -> int:
         print(proc.stderr, end="", file=sys.stderr)
         api.close()
         evil.close()
-        got = [r.headers.get("Authorization") for r in api.received]
+        got = [{k.lower(): v for k, v in r.headers.items()}.get("authorization") for r in api.received]
         checks = {
             "sandbox exited 0": proc.returncode == 0,
             "api.demo.test received the real key": got == [f"Bearer {REAL_KEY}"],
