@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,15 +46,17 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
 
-    def stop(self) -> int:
-        """SIGTERM, as an operator or systemd would; returns the exit code."""
+    def stop(self) -> bool:
+        """SIGTERM, as an operator or systemd would; whether the server shut down cleanly."""
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=60)
+            code = self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
             raise
+        # uvicorn re-raises the signal once it has shut down, so -SIGTERM is a clean exit.
+        return code in (0, -signal.SIGTERM) and "Traceback" not in self.log.read_text()
 
 
 def _free_port() -> int:
@@ -102,17 +106,18 @@ class Api:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.url = url
         self.key = key
-        self._schema = schema
+        self.schema = schema
         self.http = httpx.Client(base_url=url, headers=headers, timeout=60)
 
     def check(self, resp: httpx.Response, body: bool = True) -> httpx.Response:
-        op = self._schema.find_operation_by_path(resp.request.method, resp.request.url.path)
+        op = self.schema.find_operation_by_path(resp.request.method, resp.request.url.path)
         assert op is not None, f"{resp.request.method} {resp.request.url.path} is not in /openapi.json"
         documented = {str(code) for code in op.definition.raw.get("responses", {})}
         assert str(resp.status_code) in documented, (
             f"{resp.request.method} {resp.request.url.path} answered {resp.status_code}, "
             f"documented: {sorted(documented)}; body: {resp.text[:300] if body else '(stream)'}")
-        if body:
+        # The validator needs the request body, which a streamed upload no longer has.
+        if body and not isinstance(resp.request.stream, httpx.SyncByteStream | httpx.AsyncByteStream):
             op.validate_response(resp)
         return resp
 
@@ -130,6 +135,9 @@ class Api:
 
     def delete(self, path: str, **kw: Any) -> httpx.Response:
         return self.request("DELETE", path, **kw)
+
+    def close(self) -> None:
+        self.http.close()
 
     @contextmanager
     def stream(self, method: str, path: str, **kw: Any) -> Iterator[httpx.Response]:
@@ -150,7 +158,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("api") / "data"
     srv = start_server(data_dir)
     yield srv
-    assert srv.stop() == 0, srv.log.read_text()
+    if srv.proc.poll() is None:  # not yet stopped by test_shutdown_kills_every_sandbox
+        assert srv.stop(), srv.log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -161,30 +170,34 @@ def schema(server: Server) -> OpenApiSchema:
 
 
 @pytest.fixture(scope="module")
-def admin(server: Server, schema: OpenApiSchema) -> Api:
-    return Api(server.url, schema, ADMIN_KEY)
+def admin(server: Server, schema: OpenApiSchema) -> Iterator[Api]:
+    api = Api(server.url, schema, ADMIN_KEY)
+    yield api
+    api.close()
 
 
-def _tenant(admin: Api, name: str) -> Api:
+def _tenant(admin: Api, name: str) -> Iterator[Api]:
     resp = admin.post("/v1/keys", json={"tenant": name})
     assert resp.status_code == 201
     key = resp.json()["key"]
     assert key.startswith("sbk_") and len(key) > 40
-    return Api(admin.url, admin._schema, key)
+    api = Api(admin.url, admin.schema, key)
+    yield api
+    api.close()
 
 
 @pytest.fixture(scope="module")
-def alice(admin: Api) -> Api:
-    return _tenant(admin, "alice")
+def alice(admin: Api) -> Iterator[Api]:
+    yield from _tenant(admin, "alice")
 
 
 @pytest.fixture(scope="module")
-def bob(admin: Api) -> Api:
-    return _tenant(admin, "bob")
+def bob(admin: Api) -> Iterator[Api]:
+    yield from _tenant(admin, "bob")
 
 
 @pytest.fixture(scope="module")
-def sandbox(alice: Api) -> Iterator[str]:
+def sandbox(server: Server, alice: Api) -> Iterator[str]:
     resp = alice.post("/v1/sandboxes", json={
         "runtime": "namespace", "timeout": "10m", "env": {"GREETING": "hi"},
         "secrets": {"API_TOKEN": {"value": "real-secret-value-123", "hosts": ["api.example.com"]}},
@@ -192,7 +205,8 @@ def sandbox(alice: Api) -> Iterator[str]:
     assert resp.status_code == 201, resp.text
     info = resp.json()
     yield info["id"]
-    alice.delete(f"/v1/sandboxes/{info['id']}")
+    if server.proc.poll() is None:  # else test_shutdown_kills_every_sandbox ended it
+        alice.delete(sb(info["id"]))
 
 
 def sb(sandbox_id: str, rest: str = "") -> str:
@@ -202,7 +216,9 @@ def sb(sandbox_id: str, rest: str = "") -> str:
 # ----- lifecycle --------------------------------------------------------------------------------
 
 def test_health_needs_no_key(server: Server, schema: OpenApiSchema) -> None:
-    resp = Api(server.url, schema, None).get("/v1/health")
+    anonymous = Api(server.url, schema, None)
+    resp = anonymous.get("/v1/health")
+    anonymous.close()
     assert resp.status_code == 200 and resp.json()["status"] == "ok"
 
 
@@ -328,10 +344,13 @@ def test_kill_then_gone(alice: Api) -> None:
 
 def test_missing_or_wrong_key_is_401(server: Server, schema: OpenApiSchema) -> None:
     for key in (None, "sbk_wrong"):
-        resp = Api(server.url, schema, key).get("/v1/sandboxes")
+        client = Api(server.url, schema, key)
+        resp = client.get("/v1/sandboxes")
+        client.close()
         assert resp.status_code == 401 and error_code(resp) == "unauthorized"
         assert resp.headers["www-authenticate"] == "Bearer"
-    resp = httpx.get(f"{server.url}/v1/sandboxes", headers={"Authorization": f"Basic {ADMIN_KEY}"})
+    with httpx.Client() as raw:
+        resp = raw.get(f"{server.url}/v1/sandboxes", headers={"Authorization": f"Basic {ADMIN_KEY}"})
     assert resp.status_code == 401
 
 
@@ -442,23 +461,45 @@ async def test_pty_token_query_and_refusals(alice: Api, bob: Api, sandbox: str) 
             "not_found", "unauthorized")
 
 
-# ----- shutdown ---------------------------------------------------------------------------------
+# ----- shutdown (last: it stops the module's server) ----------------------------------------------
 
-def test_shutdown_kills_every_sandbox(tmp_path: Path) -> None:
-    server = start_server(tmp_path / "data", admin_key=None)
-    key_file = tmp_path / "data" / "admin.key"
-    assert key_file.stat().st_mode & 0o777 == 0o600
-    key = key_file.read_text().strip()
-    assert key not in server.log.read_text(), "the admin key must not be printed"
-    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-    ids = []
-    for _ in range(2):
-        resp = http.post("/v1/sandboxes", json={"runtime": "namespace"})
-        assert resp.status_code == 201, resp.text
-        ids.append(resp.json()["id"])
-    http.post(sb(ids[0], "/exec"), json={"cmd": "sleep 600", "background": True})
+def test_shutdown_kills_every_sandbox(server: Server, alice: Api, sandbox: str) -> None:
+    """SIGTERM with a command still streaming: the server exits 0 and nothing survives."""
+    other = alice.post("/v1/sandboxes", json={"runtime": "namespace"}).json()["id"]
+    ids = [sandbox, other]
     assert all(Path(f"/run/netns/sealbox-{i}").exists() for i in ids)
-    http.close()
-    assert server.stop() == 0, server.log.read_text()
+    streaming = threading.Event()
+
+    def hold_a_stream() -> None:
+        with contextlib.suppress(httpx.HTTPError), alice.stream(
+                "POST", sb(other, "/exec"), params={"stream": "true"},
+                json={"cmd": "echo started; sleep 600"}) as resp:
+            for _ in resp.iter_lines():
+                streaming.set()
+
+    holder = threading.Thread(target=hold_a_stream)
+    holder.start()
+    assert streaming.wait(30)
+    assert server.stop(), server.log.read_text()
+    holder.join(30)
+    assert not holder.is_alive(), "the open stream outlived the server"
     assert leftovers(ids) == []
-    assert str(key_file) in server.log.read_text()
+
+
+def test_admin_key_file_created_once(tmp_path: Path, server: Server) -> None:
+    """Without SEALBOX_ADMIN_KEY the first start writes one (0600) and prints only its path."""
+    assert server.proc.poll() is not None, "runs after the shared server has stopped"
+    data_dir = tmp_path / "data"
+    keys = []
+    for _ in range(2):
+        srv = start_server(data_dir, admin_key=None)
+        key_file = data_dir / "admin.key"
+        keys.append(key_file.read_text().strip())
+        with httpx.Client(base_url=srv.url) as raw:
+            resp = raw.get("/v1/sandboxes", headers={"Authorization": f"Bearer {keys[-1]}"})
+        assert srv.stop()
+        log = srv.log.read_text()
+        assert resp.status_code == 200
+        assert str(key_file) in log and keys[-1] not in log
+        assert key_file.stat().st_mode & 0o777 == 0o600
+    assert keys[0] == keys[1] and keys[0].startswith("sbk_")

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
-from starlette.websockets import WebSocketState
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from sealbox.api.auth import bearer_token
 from sealbox.api.deps import CallerDep, EngineDep, get_engine, get_keys
@@ -108,7 +108,7 @@ async def pty(
         log.warning("pty on %s failed", sandbox_id, exc_info=outbound.exception())
         close_code = 1011
     if websocket.application_state == WebSocketState.CONNECTED:
-        with contextlib.suppress(RuntimeError):  # the client may have closed meanwhile
+        with contextlib.suppress(WebSocketDisconnect):  # the client may have gone meanwhile
             await websocket.close(close_code)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,8 @@ from sealbox.engine.engine import Engine
 
 DEFAULT_PORT = 7411
 GRACEFUL_SHUTDOWN_SECONDS = 5
-"""How long open streams and terminals get to finish before the sandboxes are killed."""
+"""How long open requests get to finish at shutdown (their sandboxes are already gone)."""
+log = logging.getLogger("sealbox.api")
 
 
 @dataclass
@@ -32,6 +35,25 @@ class ServerConfig:
     log_level: str = "info"
 
 
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self._engine = engine
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Kill the sandboxes before draining connections: that ends open exec streams and
+        # terminals at once instead of cutting them off after the grace period, and it
+        # happens even on a forced exit, when uvicorn skips the lifespan shutdown.
+        results = await asyncio.gather(
+            *(self._engine.kill(info.id, reason="server shut down") for info in self._engine.list()),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.error("killing a sandbox at shutdown failed", exc_info=result)
+        await super().shutdown(sockets)
+
+
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT/SIGTERM; then kill every sandbox (in the app's lifespan) and return."""
     engine = Engine(EngineConfig(
@@ -44,10 +66,10 @@ async def serve(config: ServerConfig) -> None:
     if admin_file is not None:
         print(f"sealbox: the admin API key is in {admin_file}", flush=True)
     app = create_app(engine, KeyRing(engine.store, admin_hash))
-    server = uvicorn.Server(uvicorn.Config(
+    server = _Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level,
         lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-    ))
+    ), engine)
     await server.serve()
 
 
