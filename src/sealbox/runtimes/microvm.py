@@ -285,8 +285,6 @@ class MicrovmSandbox:
         self._tap = False
         self._tap_fd: int | None = None
         self._killed = False
-        self.boot_seconds: float | None = None
-        self._started = 0.0
 
     @property
     def socket_path(self) -> Path:
@@ -318,7 +316,6 @@ class MicrovmSandbox:
     async def launch(self) -> None:
         loop = asyncio.get_running_loop()
         args = await loop.run_in_executor(None, self._setup)
-        self._started = time.monotonic()
         self.proc = await asyncio.create_subprocess_exec(
             *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             preexec_fn=tap.enter_vmm(self.spec.netns, self.cgroup, self._uid,
@@ -356,10 +353,7 @@ class MicrovmSandbox:
                                      return_when=asyncio.FIRST_COMPLETED)
         if attempt in done:
             exited.cancel()
-            client = attempt.result()
-            if self.boot_seconds is None:
-                self.boot_seconds = time.monotonic() - self._started
-            return client
+            return attempt.result()
         attempt.cancel()
         exited.cancel()
         why = "exited during boot" if exited in done else f"did not boot in {BOOT_TIMEOUT:g} s"
