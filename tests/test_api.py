@@ -363,7 +363,7 @@ def test_only_admin_creates_keys(alice: Api, admin: Api) -> None:
 
 
 def test_other_tenants_sandbox_is_404(bob: Api, admin: Api, sandbox: str) -> None:
-    calls = [
+    calls: list[tuple[str, str, dict[str, Any]]] = [
         ("GET", sb(sandbox), {}), ("DELETE", sb(sandbox), {}),
         ("POST", sb(sandbox, "/exec"), {"json": {"cmd": "id"}}),
         ("POST", sb(sandbox, "/pause"), {}), ("GET", sb(sandbox, "/logs"), {}),
@@ -384,7 +384,7 @@ def test_other_tenants_sandbox_is_404(bob: Api, admin: Api, sandbox: str) -> Non
 
 
 def test_bad_input_is_400_json(alice: Api, sandbox: str) -> None:
-    cases = [
+    cases: list[tuple[str, str, dict[str, Any]]] = [
         ("POST", "/v1/sandboxes", {"content": b"{not json", "headers": {"content-type": "application/json"}}),
         ("POST", "/v1/sandboxes", {"json": {"workspace": "/etc"}}),
         ("POST", "/v1/sandboxes", {"json": {"no_such_field": 1}}),
