@@ -10,14 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import RUN_ROOT
 
 from sealbox._sys import cgroups, netns
 from sealbox.engine.engine import Engine, netns_name
 from sealbox.engine.spec import ExecRequest, SandboxSpec, SandboxState
 from sealbox.errors import SandboxGone
 from sealbox.runtimes.namespace import HOST_UID_BASE, HOST_UID_SPAN
-
-from conftest import RUN_ROOT
 
 
 async def sh(engine: Engine, sid: str, script: str, **kw: object):  # type: ignore[no-untyped-def]

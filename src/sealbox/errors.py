@@ -4,6 +4,7 @@
     ├── ConfigError            bad input: spec, CLI option, API body, path
     ├── NotFoundError          unknown sandbox, file, process
     ├── AuthError              missing or wrong API key / token
+    │   └── ForbiddenError     a valid key that may not do this
     ├── RuntimeUnavailable     the chosen tier cannot run on this host (reason from `doctor`)
     ├── SandboxError           the sandbox failed or ended
     │   ├── LimitExceeded      a limit killed it (memory, pids, disk, timeout)
@@ -46,6 +47,11 @@ class NotFoundError(SealboxError):
 class AuthError(SealboxError):
     code = "unauthorized"
     http_status = 401
+
+
+class ForbiddenError(AuthError):
+    code = "forbidden"
+    http_status = 403
 
 
 class RuntimeUnavailable(SealboxError):
@@ -91,7 +97,8 @@ class ServerError(SealboxError):
 _BY_CODE: dict[str, type[SealboxError]] = {
     cls.code: cls
     for cls in (
-        SealboxError, ConfigError, NotFoundError, AuthError, RuntimeUnavailable, SandboxError,
+        SealboxError, ConfigError, NotFoundError, AuthError, ForbiddenError, RuntimeUnavailable,
+        SandboxError,
         LimitExceeded, SandboxGone, CommandError, EgressError, ServerError,
     )
 }
@@ -103,7 +110,16 @@ def from_code(code: str, message: str, **details: Any) -> SealboxError:
 
 
 __all__ = [
-    "SealboxError", "ConfigError", "NotFoundError", "AuthError", "RuntimeUnavailable",
-    "SandboxError", "LimitExceeded", "SandboxGone", "CommandError", "EgressError", "ServerError",
+    "AuthError",
+    "CommandError",
+    "ConfigError",
+    "EgressError",
+    "LimitExceeded",
+    "NotFoundError",
+    "RuntimeUnavailable",
+    "SandboxError",
+    "SandboxGone",
+    "SealboxError",
+    "ServerError",
     "from_code",
 ]

@@ -31,7 +31,7 @@ class TestCA:
     def create(cls, directory: Path) -> TestCA:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sealbox test upstream CA")])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         cert = (
             x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -52,7 +52,7 @@ class TestCA:
 
     def server_context(self, directory: Path, names: list[str]) -> ssl.SSLContext:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
         sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
         cert = (

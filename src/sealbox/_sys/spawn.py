@@ -20,3 +20,13 @@ def enter_sandbox(netns_name: str, cgroup: Cgroup, uid: int, gid: int) -> Callab
         os.setuid(uid)
 
     return _preexec
+
+
+def enter_netns(netns_name: str) -> Callable[[], None]:
+    """A preexec_fn that only joins the network namespace (for runtimes that drop privileges
+    themselves, such as runsc)."""
+
+    def _preexec() -> None:
+        netns.enter(netns_name)
+
+    return _preexec

@@ -23,13 +23,6 @@ ADMIN_KEY_ENV = "SEALBOX_ADMIN_KEY"
 ADMIN_KEY_FILE = "admin.key"
 
 
-class ForbiddenError(AuthError):
-    """A valid key that may not do this (a tenant key on an admin route)."""
-
-    code = "forbidden"
-    http_status = 403
-
-
 def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 

@@ -8,7 +8,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
-from sealbox.api.auth import Caller, ForbiddenError, KeyRing
+from sealbox.api.auth import Caller, KeyRing
+from sealbox.errors import ForbiddenError
 from sealbox.engine.engine import Engine
 
 # auto_error=False: a missing key must produce our JSON 401, not FastAPI's 403.

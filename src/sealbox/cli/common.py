@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -87,20 +87,20 @@ def write_out(stream: str, data: bytes) -> None:
 
 # Options shared by `run` and `create`, declared once.
 RuntimeOpt = Annotated[str, typer.Option(help="auto|namespace|gvisor|microvm")]
-AllowNetOpt = Annotated[Optional[list[str]], typer.Option(
+AllowNetOpt = Annotated[list[str] | None, typer.Option(
     "--allow-net", help="host the sandbox may reach (repeatable; *.x.com, HOST:PORT, CIDR)")]
-SecretOpt = Annotated[Optional[list[str]], typer.Option(
+SecretOpt = Annotated[list[str] | None, typer.Option(
     help="NAME@HOST[,HOST] (value from $NAME) or NAME=VALUE@HOST[,HOST]")]
-EnvOpt = Annotated[Optional[list[str]], typer.Option(help="K=V (repeatable)")]
+EnvOpt = Annotated[list[str] | None, typer.Option(help="K=V (repeatable)")]
 TimeoutOpt = Annotated[str, typer.Option(help="wall-clock limit, e.g. 30s, 10m, 2h")]
-CpusOpt = Annotated[Optional[float], typer.Option(help="CPU quota, e.g. 2 or 0.5")]
-MemoryOpt = Annotated[Optional[str], typer.Option(help="memory limit, e.g. 512MiB")]
-PidsOpt = Annotated[Optional[int], typer.Option(help="max processes")]
-ResolveOpt = Annotated[Optional[list[str]], typer.Option(
+CpusOpt = Annotated[float | None, typer.Option(help="CPU quota, e.g. 2 or 0.5")]
+MemoryOpt = Annotated[str | None, typer.Option(help="memory limit, e.g. 512MiB")]
+PidsOpt = Annotated[int | None, typer.Option(help="max processes")]
+ResolveOpt = Annotated[list[str] | None, typer.Option(
     help="HOST:PORT:ADDR[:ADDRPORT]: connections to HOST:PORT go to ADDR (operator-side pin)")]
-UpstreamCaOpt = Annotated[Optional[list[Path]], typer.Option(
+UpstreamCaOpt = Annotated[list[Path] | None, typer.Option(
     "--upstream-ca", help="extra CA file the gateway trusts for upstream TLS")]
-DiskOpt = Annotated[Optional[str], typer.Option(help="size of /workspace and /tmp, e.g. 1GiB")]
+DiskOpt = Annotated[str | None, typer.Option(help="size of /workspace and /tmp, e.g. 1GiB")]
 
 
 def sandbox_spec_fields(runtime: str, allow_net: list[str] | None, secret: list[str] | None,

@@ -38,7 +38,7 @@ def exec_(
             raise SandboxGone(f"sandbox {sandbox_id} ended before the command finished")
         if result.limit:
             write_out("stderr", f"sealbox: killed: {result.limit}\n".encode())
-        return result.exit_code
+        return result.exit_code or 0  # never None: not a background command
 
     raise typer.Exit(run_async(main))
 

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from sealbox.cli.common import (
-    AllowNetOpt, CpusOpt, DiskOpt, EnvOpt, MemoryOpt, PidsOpt, ResolveOpt, RuntimeOpt, SecretOpt,
-    TimeoutOpt, UpstreamCaOpt,
-    err_console, parse_cas, parse_pins, run_async, sandbox_spec_fields, write_out,
+    AllowNetOpt,
+    CpusOpt,
+    DiskOpt,
+    EnvOpt,
+    MemoryOpt,
+    PidsOpt,
+    ResolveOpt,
+    RuntimeOpt,
+    SecretOpt,
+    TimeoutOpt,
+    UpstreamCaOpt,
+    err_console,
+    parse_cas,
+    parse_pins,
+    run_async,
+    sandbox_spec_fields,
+    write_out,
 )
 from sealbox.engine.config import EngineConfig
 from sealbox.engine.spec import ExecResult
@@ -26,7 +40,7 @@ def run(
     env: EnvOpt = None, timeout: TimeoutOpt = "30m", cpus: CpusOpt = None,
     memory: MemoryOpt = None, pids: PidsOpt = None, disk: DiskOpt = None,
     resolve: ResolveOpt = None, upstream_ca: UpstreamCaOpt = None,
-    workspace: Annotated[Optional[Path], typer.Option(help="host dir mounted at /workspace")] = None,
+    workspace: Annotated[Path | None, typer.Option(help="host dir mounted at /workspace")] = None,
 ) -> None:
     """Run CMD in a fresh sandbox; stream its output; exit with its code; leave nothing behind."""
 
@@ -57,7 +71,7 @@ def run(
                     raise SandboxGone("the sandbox ended before the command finished")
                 if result.limit:
                     err_console.print(f"sealbox: killed: {result.limit}", markup=False)
-                return result.exit_code
+                return result.exit_code or 0  # never None: not a background command
         finally:
             await close_shared_engine()
 

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sealbox.cli.common import (
-    AllowNetOpt, CpusOpt, DiskOpt, EnvOpt, MemoryOpt, PidsOpt, RuntimeOpt, SecretOpt, TimeoutOpt,
-    run_async, sandbox_spec_fields, server_url,
+    AllowNetOpt,
+    CpusOpt,
+    DiskOpt,
+    EnvOpt,
+    MemoryOpt,
+    PidsOpt,
+    RuntimeOpt,
+    SecretOpt,
+    TimeoutOpt,
+    run_async,
+    sandbox_spec_fields,
+    server_url,
 )
 from sealbox.sdk.async_sandbox import AsyncSandbox, make_spec
 from sealbox.sdk.remote import RemoteBackend
@@ -89,7 +99,7 @@ def logs(
 
 def egress(
     sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
-    allow_net: Annotated[Optional[list[str]], typer.Option(
+    allow_net: Annotated[list[str] | None, typer.Option(
         "--allow-net", help="the new allowlist (repeatable); none = no egress")] = None,
 ) -> None:
     """Replace a running sandbox's network allowlist."""

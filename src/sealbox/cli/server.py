@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,11 +15,11 @@ from sealbox.errors import ConfigError
 def server(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 7411,
-    data_dir: Annotated[Optional[Path], typer.Option(help="state, keys, CA, logs")] = None,
-    max_timeout: Annotated[Optional[str], typer.Option(
+    data_dir: Annotated[Path | None, typer.Option(help="state, keys, CA, logs")] = None,
+    max_timeout: Annotated[str | None, typer.Option(
         help="longest sandbox lifetime callers may ask for (e.g. 2h); default: no cap")] = None,
     resolve: ResolveOpt = None, upstream_ca: UpstreamCaOpt = None,
-    ssh_port: Annotated[Optional[int], typer.Option(help="start the SSH gateway on PORT")] = None,
+    ssh_port: Annotated[int | None, typer.Option(help="start the SSH gateway on PORT")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the REST API (and optionally the SSH gateway) until interrupted."""

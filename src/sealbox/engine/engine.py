@@ -6,6 +6,8 @@ Every path that ends a sandbox goes through `_finish`, which removes everything 
 
 from __future__ import annotations
 
+import builtins
+
 import asyncio
 import secrets as pysecrets
 import shutil
@@ -22,7 +24,12 @@ from sealbox.egress.gateway import Gateway, GatewayConfig
 from sealbox.engine.config import EngineConfig
 from sealbox.engine.events import EventLog
 from sealbox.engine.spec import (
-    ExecRequest, ExecResult, SandboxInfo, SandboxSpec, SandboxState, SecretInfo,
+    ExecRequest,
+    ExecResult,
+    SandboxInfo,
+    SandboxSpec,
+    SandboxState,
+    SecretInfo,
 )
 from sealbox.engine.store import Store, now
 from sealbox.engine.units import format_size
@@ -80,6 +87,7 @@ class Engine:
             resolve=list(self.config.resolve), upstream_ca=list(self.config.upstream_ca),
         ))
         self._live: dict[str, _Live] = {}
+        self._background: set[asyncio.Task[ExitStatus]] = set()
         self._started = False
 
     async def start(self) -> None:
@@ -97,7 +105,7 @@ class Engine:
         self._started = False
 
     # ----- reconciliation ---------------------------------------------------------------
-    def reconcile(self) -> list[str]:
+    def reconcile(self) -> builtins.list[str]:
         """Clean up sandboxes whose owning process died (server crash, killed CLI)."""
         cleaned = []
         for info in self.store.orphans():
@@ -261,7 +269,7 @@ class Engine:
             raise NotFoundError(f"no sandbox {sandbox_id!r}: check the id with `sealbox ls`")
         return info
 
-    def list(self, owner: str | None = None, include_ended: bool = False) -> list[SandboxInfo]:
+    def list(self, owner: str | None = None, include_ended: bool = False) -> builtins.list[SandboxInfo]:
         return self.store.list(owner=owner, live_only=not include_ended)
 
     def _owned_live(self, sandbox_id: str, owner: str | None) -> _Live | None:
@@ -304,8 +312,8 @@ class Engine:
         live = self._running(sandbox_id, owner)
         before = live.runtime.limit_events()
         handle = await self.exec(sandbox_id, req, owner)
-        out: list[bytes] = []
-        err: list[bytes] = []
+        out: builtins.list[bytes] = []
+        err: builtins.list[bytes] = []
         try:
             async for item in handle:
                 if isinstance(item, Output):
@@ -317,12 +325,20 @@ class Engine:
             # The sandbox ended under the command: say why, once teardown has recorded it.
             try:
                 await asyncio.wait_for(live.gone.wait(), timeout=15)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise SandboxGone(f"sandbox {sandbox_id} ended during the command") from None
             raise SandboxGone(f"sandbox {sandbox_id} ended: {live.info.end_reason}",
                               reason=live.info.end_reason) from None
 
     async def run(self, sandbox_id: str, req: ExecRequest, owner: str | None = None) -> ExecResult:
+        """Run a command to completion; with ``background`` return as soon as it started."""
+        if req.background:
+            handle = await self.exec(sandbox_id, req, owner)
+            # Drain its output so flow control never stalls a command nobody listens to.
+            task = asyncio.create_task(handle.wait())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return ExecResult(exit_code=None, pid=handle.pid, stdout="", stderr="")
         result: ExecResult | None = None
         async for item in self.exec_stream(sandbox_id, req, owner):
             if isinstance(item, ExecResult):
@@ -339,14 +355,14 @@ class Engine:
         if limit == "memory" and not killed:
             limit = None  # an OOM kill elsewhere in the sandbox did not end this command
         return ExecResult(
-            exit_code=status.exit_code, stdout=stdout.decode(errors="replace"),
+            exit_code=status.exit_code, pid=None, stdout=stdout.decode(errors="replace"),
             stderr=stderr.decode(errors="replace"), signal=status.signal,
             timed_out=status.timed_out,
             limit=describe_limit(limit, live.info) if limit else None,
         )
 
     # ----- egress -----------------------------------------------------------------------
-    async def set_egress(self, sandbox_id: str, allow_net: list[str],
+    async def set_egress(self, sandbox_id: str, allow_net: builtins.list[str],
                          owner: str | None = None) -> SandboxInfo:
         live = self._running(sandbox_id, owner)
         await self.gateway.set_policy(sandbox_id, allow_net)
@@ -354,10 +370,10 @@ class Engine:
         self.store.put(live.info)
         return live.info.model_copy(deep=True)
 
-    def egress_log(self, sandbox_id: str, owner: str | None = None) -> list[dict[str, Any]]:
+    def egress_log(self, sandbox_id: str, owner: str | None = None) -> builtins.list[dict[str, Any]]:
         self.get(sandbox_id, owner)
         return self.gateway.audit_events(sandbox_id)
 
-    def logs(self, sandbox_id: str, owner: str | None = None) -> list[dict[str, Any]]:
+    def logs(self, sandbox_id: str, owner: str | None = None) -> builtins.list[dict[str, Any]]:
         self.get(sandbox_id, owner)
         return self.events.read(sandbox_id)

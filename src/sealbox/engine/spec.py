@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -72,7 +72,7 @@ class SandboxSpec(BaseModel):
         return v
 
 
-class SandboxState(str, Enum):
+class SandboxState(StrEnum):
     creating = "creating"
     running = "running"
     paused = "paused"
@@ -130,7 +130,8 @@ class ExecRequest(BaseModel):
 
 
 class ExecResult(BaseModel):
-    exit_code: int
+    exit_code: int | None = Field(description="null while a background command still runs")
+    pid: int | None = Field(default=None, description="the command's pid inside the sandbox")
     stdout: str
     stderr: str
     signal: int | None = None

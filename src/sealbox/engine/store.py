@@ -5,12 +5,14 @@ Secret values are never written here; only names, hosts and placeholders' existe
 
 from __future__ import annotations
 
+import builtins
+
 import os
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sealbox.engine.spec import SandboxInfo, SandboxState
@@ -46,7 +48,7 @@ def process_start_time(pid: int) -> str:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Store:
@@ -85,7 +87,7 @@ class Store:
             row = self._db.execute("SELECT info FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
         return SandboxInfo.model_validate_json(row[0]) if row else None
 
-    def list(self, owner: str | None = None, live_only: bool = True) -> list[SandboxInfo]:
+    def list(self, owner: str | None = None, live_only: bool = True) -> builtins.list[SandboxInfo]:
         sql, args = "SELECT info FROM sandboxes WHERE 1=1", []
         if owner is not None:
             sql += " AND owner=?"
@@ -97,7 +99,7 @@ class Store:
             rows = self._db.execute(sql + " ORDER BY created_at", args).fetchall()
         return [SandboxInfo.model_validate_json(r[0]) for r in rows]
 
-    def orphans(self) -> list[SandboxInfo]:
+    def orphans(self) -> builtins.list[SandboxInfo]:
         """Live sandboxes whose owning process is gone (a server or CLI that died)."""
         with self._lock:
             rows = self._db.execute(

@@ -34,7 +34,7 @@ def parse_size(value: str | int) -> int:
     return size
 
 
-def parse_duration(value: str | float | int) -> float:
+def parse_duration(value: str | float) -> float:
     """Seconds from 90, 1.5, "30m", "1h30m", "10s", "250ms". Raises ConfigError otherwise."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value <= 0:

@@ -631,7 +631,7 @@ class ExecOp(StreamOp):
         feeder = asyncio.ensure_future(self.feed_stdin(stdin_fd)) if stdin_fd is not None else None
         states = [PumpState() for _ in outputs]
         pumps = [asyncio.ensure_future(self.pump(name, fd, state))
-                 for (name, fd), state in zip(outputs, states)]
+                 for (name, fd), state in zip(outputs, states, strict=True)]
         try:
             proc.returncode = await process.wait()
             await self.drain_pumps(pumps, states)

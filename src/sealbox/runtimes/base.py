@@ -19,6 +19,8 @@ class Probe:
 
     ok: bool
     detail: str
+    emulated: bool = False
+    """Works, but through CPU emulation (seconds per start): `auto` passes it over."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The `gvisor` tier: runsc, a user-space kernel, on an OCI bundle built from the same view of
 the host's system directories the namespace tier shows.
 
-The sandbox joins the network namespace the engine prepared (runsc's netstack takes over its
-veth), so the egress gateway applies unchanged. The guest agent speaks over the container's
+The sandbox runs in the network namespace the engine prepared, so the egress gateway applies
+unchanged. The guest agent speaks over the container's
 stdin/stdout. Limits are cgroups runsc creates from the bundle. It does not defend against bugs
 in the gVisor Sentry combined with a host-kernel bug reachable from its seccomp-limited syscalls.
 """
@@ -19,30 +19,38 @@ from pathlib import Path
 from typing import Any
 
 from sealbox._sys.cgroups import Cgroup
+from sealbox._sys.spawn import enter_netns
 from sealbox.errors import RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
+from sealbox.runtimes import probe_cache
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe
-from sealbox.runtimes.namespace import GUEST_DIR, GUEST_FILES, SANDBOX_UID, prepare_run_dir, sandbox_env
+from sealbox.runtimes.namespace import (
+    SANDBOX_UID,
+    prepare_run_dir,
+    sandbox_env,
+)
 
 RUNSC_ROOT = Path("/run/sealbox/runsc")
 PLATFORMS = ("systrap", "kvm", "ptrace")
+"""Fastest first; the first that runs a probe container wins."""
 _SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt")
 
 
 def _runsc_base(platform: str) -> list[str]:
-    return ["runsc", "--root", str(RUNSC_ROOT), f"--platform={platform}", "--network=sandbox"]
+    # --network=host means "the namespace runsc runs in", which is the sandbox's own prepared
+    # namespace. runsc 2022's netstack mode refuses to start on kernels >= 6.x (its
+    # root-namespace check reads a sysctl that became per-namespace), so socket calls go to the
+    # host kernel, confined to that namespace and still routed only to the gateway.
+    return ["runsc", "--root", str(RUNSC_ROOT), f"--platform={platform}", "--network=host"]
 
 
-@lru_cache(maxsize=1)
-def _probe() -> Probe:
-    if not shutil.which("runsc"):
-        return Probe(False, "runsc is not installed (apt-get install runsc)")
+def _try_platforms() -> Probe:
     errors = []
     for platform in PLATFORMS:
         try:
             r = subprocess.run(
                 ["runsc", f"--platform={platform}", "--network=none", "do", "/bin/true"],
-                capture_output=True, text=True, timeout=8,
+                capture_output=True, text=True, timeout=4,
             )
         except subprocess.TimeoutExpired:
             errors.append(f"{platform}: hung")
@@ -51,6 +59,20 @@ def _probe() -> Probe:
             return Probe(True, f"runsc, platform {platform}")
         errors.append(f"{platform}: {(r.stderr.strip().splitlines() or ['failed'])[-1][:120]}")
     return Probe(False, "runsc does not start here (" + "; ".join(errors) + ")")
+
+
+@lru_cache(maxsize=1)
+def _probe() -> Probe:
+    runsc = shutil.which("runsc")
+    if not runsc:
+        return Probe(False, "runsc is not installed (apt-get install runsc)")
+
+    def compute() -> dict[str, Any]:
+        p = _try_platforms()
+        return {"ok": p.ok, "detail": p.detail}
+
+    data = probe_cache.cached("gvisor", probe_cache.file_key(runsc), compute)
+    return Probe(bool(data["ok"]), str(data["detail"]))
 
 
 def platform() -> str:
@@ -88,7 +110,7 @@ class GvisorRuntime:
 
 def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
     lim = spec.limits
-    disk = f",size={lim.disk_bytes}" if lim.disk_bytes else ""
+    disk = [f"size={lim.disk_bytes}"] if lim.disk_bytes else []
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
@@ -100,7 +122,7 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
                            "options": ["rbind", "ro"]})
     for path in ("/tmp", "/var/tmp", "/run") + (() if spec.workspace else ("/workspace",)):
         mounts.append({"destination": path, "type": "tmpfs", "source": "tmpfs",
-                       "options": ["nosuid", "nodev", f"mode=1777{disk}"]})
+                       "options": ["nosuid", "nodev", "mode=1777", *disk]})
     if spec.workspace:
         mounts.append({"destination": "/workspace", "type": "bind",
                        "source": str(spec.workspace), "options": ["rbind", "rw"]})
@@ -137,8 +159,8 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
         "mounts": mounts,
         "linux": {
             "namespaces": [
+                # No network entry: runsc is started inside the prepared namespace.
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                {"type": "network", "path": f"/run/netns/{spec.netns}"},
             ],
             "resources": resources,
             "cgroupsPath": f"/sealbox/{spec.sandbox_id}",
@@ -179,7 +201,7 @@ class GvisorSandbox:
             self.proc = await asyncio.create_subprocess_exec(
                 *_runsc_base(self._platform), "run", "--bundle", str(self.bundle),
                 self.sandbox_id, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                start_new_session=True, limit=1 << 22,
+                start_new_session=True, limit=1 << 22, preexec_fn=enter_netns(self.spec.netns),
             )
         finally:
             log.close()
@@ -196,7 +218,7 @@ class GvisorSandbox:
         try:
             client = await GuestClient.from_streams(self.proc.stdout, self.proc.stdin)
             await asyncio.wait_for(client.ping(), timeout=30)
-        except (asyncio.TimeoutError, SandboxError) as exc:
+        except (TimeoutError, SandboxError) as exc:
             raise SandboxError(f"gVisor sandbox did not start: {self._log() or exc}") from None
         return client
 

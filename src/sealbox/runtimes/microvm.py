@@ -29,11 +29,13 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from sealbox._sys import tap
 from sealbox._sys.cgroups import Cgroup
 from sealbox.errors import ConfigError, RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
+from sealbox.runtimes import probe_cache
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe
 from sealbox.runtimes.microvm_image import Assets, sandbox_archive
 from sealbox.runtimes.namespace import (
@@ -214,6 +216,23 @@ def _read_probe_answer(sock: Path, proc: subprocess.Popen[bytes], deadline: floa
 
 @lru_cache(maxsize=1)
 def _probe() -> tuple[Probe, Accel | None]:
+    qemu = shutil.which(QEMU)
+    assets = Assets.load()
+    if qemu is None or assets is None:
+        return _probe_uncached()
+
+    def compute() -> dict[str, Any]:
+        probe, accel = _probe_uncached()
+        return {"ok": probe.ok, "detail": probe.detail, "emulated": probe.emulated,
+                "accel": accel.name if accel else None}
+
+    data = probe_cache.cached("microvm", probe_cache.file_key(qemu, assets.kernel, assets.initrd,
+                                                              "/dev/kvm"), compute)
+    probe = Probe(bool(data["ok"]), str(data["detail"]), bool(data["emulated"]))
+    return probe, _accel(data["accel"]) if data["accel"] else None
+
+
+def _probe_uncached() -> tuple[Probe, Accel | None]:
     if not shutil.which(QEMU):
         return Probe(False, f"{QEMU} is not installed (apt-get install qemu-system-x86)"), None
     assets = Assets.load()
@@ -232,7 +251,8 @@ def _probe() -> tuple[Probe, Accel | None]:
     why = _probe_boot(assets, tcg, TCG_PROBE_TIMEOUT, HOST_UID_BASE)
     if why is not None:
         return Probe(False, f"qemu microvm does not boot here ({kvm_why}; TCG: {why})"), None
-    return Probe(True, f"qemu microvm, TCG: {kvm_why}; kernel {assets.kernel_version}"), tcg
+    return Probe(True, f"qemu microvm, TCG: {kvm_why}; kernel {assets.kernel_version}",
+                 emulated=True), tcg
 
 
 class MicrovmRuntime:

@@ -104,7 +104,7 @@ class NamespaceRuntime:
     def probe(self) -> Probe:
         return _probe()
 
-    async def start(self, spec: LaunchSpec) -> "NamespaceSandbox":
+    async def start(self, spec: LaunchSpec) -> NamespaceSandbox:
         probe = self.probe()
         if not probe.ok:
             raise RuntimeUnavailable(f"namespace tier unavailable: {probe.detail}")

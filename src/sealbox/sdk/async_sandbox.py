@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -47,8 +49,9 @@ def make_exec(cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str 
               timeout: float | str | None, stdin: str | None, background: bool = False
               ) -> ExecRequest:
     try:
-        return ExecRequest(cmd=cmd if isinstance(cmd, str) else list(cmd), env=dict(env or {}),
-                           cwd=cwd, timeout=timeout, stdin=stdin, background=background)
+        return ExecRequest.model_validate({
+            "cmd": cmd if isinstance(cmd, str) else builtins.list(cmd), "env": dict(env or {}),
+            "cwd": cwd, "timeout": timeout, "stdin": stdin, "background": background})
     except ValidationError as exc:
         raise ConfigError(f"invalid command: {validation_message(exc)}") from None
 
@@ -73,7 +76,7 @@ class AsyncFiles:
         payload = data.encode() if isinstance(data, str) else data
         await self._sb._backend.write_file(self._sb.id, path, payload, mode)
 
-    async def list(self, path: str = "/workspace") -> list[FileInfo]:
+    async def list(self, path: str = "/workspace") -> builtins.list[FileInfo]:
         return await self._sb._backend.list_dir(self._sb.id, path)
 
     async def stat(self, path: str) -> FileInfo:
@@ -137,7 +140,7 @@ class AsyncSandbox:
 
     @classmethod
     async def list(cls, *, url: str | None = None, api_key: str | None = None,
-                   include_ended: bool = False) -> list[SandboxInfo]:
+                   include_ended: bool = False) -> builtins.list[SandboxInfo]:
         backend = _backend(url, api_key)
         try:
             return await backend.list(include_ended)
@@ -150,11 +153,14 @@ class AsyncSandbox:
 
     async def exec(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
                    cwd: str | None = None, timeout: float | str | None = None,
-                   stdin: str | None = None, check: bool = False) -> ExecResult:
+                   stdin: str | None = None, check: bool = False,
+                   background: bool = False) -> ExecResult:
         """Run CMD (a shell string or an argv list) and wait for it. With check=True a non-zero
-        exit raises CommandError carrying the result."""
-        result = await self._backend.run(self.id, make_exec(cmd, env, cwd, timeout, stdin))
-        if check and result.exit_code != 0:
+        exit raises CommandError carrying the result. With background=True return once it
+        started (`result.pid`; `exit_code` is None)."""
+        result = await self._backend.run(
+            self.id, make_exec(cmd, env, cwd, timeout, stdin, background))
+        if check and result.exit_code not in (0, None):
             raise CommandError(
                 f"command exited with code {result.exit_code}"
                 + (f" ({result.limit})" if result.limit else ""), result=result,
@@ -177,10 +183,10 @@ class AsyncSandbox:
         self.info = await self._backend.set_egress(self.id, list(allow_net))
         return self.info
 
-    async def egress_log(self) -> list[dict[str, Any]]:
+    async def egress_log(self) -> builtins.list[dict[str, Any]]:
         return await self._backend.egress_log(self.id)
 
-    async def logs(self) -> list[dict[str, Any]]:
+    async def logs(self) -> builtins.list[dict[str, Any]]:
         return await self._backend.logs(self.id)
 
     async def pause(self) -> SandboxInfo:

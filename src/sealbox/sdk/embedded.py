@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
@@ -71,7 +73,7 @@ class EmbeddedBackend:
     async def get(self, sandbox_id: str) -> SandboxInfo:
         return (await self._engine()).get(sandbox_id)
 
-    async def list(self, include_ended: bool = False) -> list[SandboxInfo]:
+    async def list(self, include_ended: bool = False) -> builtins.list[SandboxInfo]:
         return (await self._engine()).list(include_ended=include_ended)
 
     async def kill(self, sandbox_id: str) -> SandboxInfo:
@@ -99,7 +101,7 @@ class EmbeddedBackend:
                          data: bytes | AsyncIterable[bytes], mode: int = 0o644) -> None:
         await (await self._engine()).guest(sandbox_id).write_file(path, data, mode=mode)
 
-    async def list_dir(self, sandbox_id: str, path: str) -> list[FileInfo]:
+    async def list_dir(self, sandbox_id: str, path: str) -> builtins.list[FileInfo]:
         return await (await self._engine()).guest(sandbox_id).list_dir(path)
 
     async def stat(self, sandbox_id: str, path: str) -> FileInfo:
@@ -115,18 +117,18 @@ class EmbeddedBackend:
         await (await self._engine()).guest(sandbox_id).rename(src, dst)
 
     async def pty(self, sandbox_id: str, rows: int, cols: int,
-                  cmd: list[str] | None = None) -> EmbeddedPty:
+                  cmd: builtins.list[str] | None = None) -> EmbeddedPty:
         req = ExecRequest(cmd=cmd or ["/bin/bash", "-l"], env={"TERM": "xterm-256color"})
         handle = await (await self._engine()).exec(sandbox_id, req, pty=(rows, cols))
         return EmbeddedPty(handle)
 
-    async def set_egress(self, sandbox_id: str, allow_net: list[str]) -> SandboxInfo:
+    async def set_egress(self, sandbox_id: str, allow_net: builtins.list[str]) -> SandboxInfo:
         return await (await self._engine()).set_egress(sandbox_id, allow_net)
 
-    async def egress_log(self, sandbox_id: str) -> list[dict[str, Any]]:
+    async def egress_log(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
         return (await self._engine()).egress_log(sandbox_id)
 
-    async def logs(self, sandbox_id: str) -> list[dict[str, Any]]:
+    async def logs(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
         return (await self._engine()).logs(sandbox_id)
 
     async def close(self) -> None:

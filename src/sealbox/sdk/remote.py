@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 import base64
 import json
 from collections.abc import AsyncIterable, AsyncIterator
@@ -90,7 +92,7 @@ class RemoteBackend:
     async def get(self, sandbox_id: str) -> SandboxInfo:
         return SandboxInfo.model_validate(await self._json("GET", self._sb(sandbox_id)))
 
-    async def list(self, include_ended: bool = False) -> list[SandboxInfo]:
+    async def list(self, include_ended: bool = False) -> builtins.list[SandboxInfo]:
         data = await self._json("GET", "/v1/sandboxes", params={"all": str(include_ended).lower()})
         return [SandboxInfo.model_validate(d) for d in data]
 
@@ -146,7 +148,7 @@ class RemoteBackend:
         await self._json("PUT", self._sb(sandbox_id, "/files"),
                          params={"path": path, "mode": f"{mode:o}"}, content=data)
 
-    async def list_dir(self, sandbox_id: str, path: str) -> list[FileInfo]:
+    async def list_dir(self, sandbox_id: str, path: str) -> builtins.list[FileInfo]:
         data = await self._json("GET", self._sb(sandbox_id, "/files/list"), params={"path": path})
         return [FileInfo(**d) for d in data]
 
@@ -166,23 +168,25 @@ class RemoteBackend:
                          json={"src": src, "dst": dst})
 
     async def pty(self, sandbox_id: str, rows: int, cols: int,
-                  cmd: list[str] | None = None) -> RemotePty:
+                  cmd: builtins.list[str] | None = None) -> RemotePty:
         ws_url = self._url.replace("http", "ws", 1) + self._sb(sandbox_id, "/pty")
-        ws_url += "?" + urlencode({"rows": rows, "cols": cols})
+        query: builtins.list[tuple[str, str | int]] = [("rows", rows), ("cols", cols)]
+        query += [("cmd", part) for part in cmd or []]
+        ws_url += "?" + urlencode(query)
         ws = await connect(ws_url, additional_headers={"Authorization": f"Bearer {self._key}"},
                            max_size=None)
         return RemotePty(ws)
 
-    async def set_egress(self, sandbox_id: str, allow_net: list[str]) -> SandboxInfo:
+    async def set_egress(self, sandbox_id: str, allow_net: builtins.list[str]) -> SandboxInfo:
         return SandboxInfo.model_validate(await self._json(
             "PUT", self._sb(sandbox_id, "/egress"), json={"allow_net": allow_net}))
 
-    async def egress_log(self, sandbox_id: str) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = await self._json("GET", self._sb(sandbox_id, "/egress"))
+    async def egress_log(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
+        data: builtins.list[dict[str, Any]] = await self._json("GET", self._sb(sandbox_id, "/egress"))
         return data
 
-    async def logs(self, sandbox_id: str) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = await self._json("GET", self._sb(sandbox_id, "/logs"))
+    async def logs(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
+        data: builtins.list[dict[str, Any]] = await self._json("GET", self._sb(sandbox_id, "/logs"))
         return data
 
     async def close(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from pydantic import SecretStr
+
 from sealbox.egress.secrets import SecretSpec
 
 
@@ -18,7 +20,7 @@ class Secret(SecretSpec):
                  path_prefixes: Sequence[str] | None = None,
                  expires_at: datetime | None = None) -> None:
         super().__init__(
-            value=value, hosts=list(hosts),
+            value=SecretStr(value), hosts=list(hosts),
             headers=list(headers) if headers is not None else None,
             methods=list(methods) if methods is not None else None,
             path_prefixes=list(path_prefixes) if path_prefixes is not None else None,

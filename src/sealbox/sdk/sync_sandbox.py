@@ -3,6 +3,8 @@ on a background loop (portal.py); tests/test_sdk_parity.py keeps the two surface
 
 from __future__ import annotations
 
+import builtins
+
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -51,7 +53,7 @@ class Files:
     def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         portal().call(self._f.write(path, data, mode))
 
-    def list(self, path: str = "/workspace") -> list[FileInfo]:
+    def list(self, path: str = "/workspace") -> builtins.list[FileInfo]:
         return portal().call(self._f.list(path))
 
     def stat(self, path: str) -> FileInfo:
@@ -107,7 +109,7 @@ class Sandbox:
 
     @classmethod
     def list(cls, *, url: str | None = None, api_key: str | None = None,
-             include_ended: bool = False) -> list[SandboxInfo]:
+             include_ended: bool = False) -> builtins.list[SandboxInfo]:
         return portal().call(AsyncSandbox.list(url=url, api_key=api_key,
                                                include_ended=include_ended))
 
@@ -116,9 +118,10 @@ class Sandbox:
 
     def exec(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
              cwd: str | None = None, timeout: float | str | None = None,
-             stdin: str | None = None, check: bool = False) -> ExecResult:
+             stdin: str | None = None, check: bool = False,
+             background: bool = False) -> ExecResult:
         return portal().call(self._a.exec(cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
-                                          check=check))
+                                          check=check, background=background))
 
     def exec_stream(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
                     cwd: str | None = None, timeout: float | str | None = None,
@@ -132,10 +135,10 @@ class Sandbox:
     def set_egress(self, allow_net: Sequence[str]) -> SandboxInfo:
         return portal().call(self._a.set_egress(allow_net))
 
-    def egress_log(self) -> list[dict[str, Any]]:
+    def egress_log(self) -> builtins.list[dict[str, Any]]:
         return portal().call(self._a.egress_log())
 
-    def logs(self) -> list[dict[str, Any]]:
+    def logs(self) -> builtins.list[dict[str, Any]]:
         return portal().call(self._a.logs())
 
     def pause(self) -> SandboxInfo:
