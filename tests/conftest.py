@@ -17,16 +17,21 @@ RUN_ROOT = Path("/run/sealbox")
 
 
 def sandbox_processes() -> list[int]:
-    """PIDs running as a sandbox host uid."""
+    """Live PIDs running as a sandbox host uid.
+
+    Zombies are dead: an orphaned sandbox process killed with its parent waits for PID 1 to
+    reap it, and PID 1 of these CI containers never does (systemd on a real host would).
+    """
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             uid = entry.stat().st_uid
-        except OSError:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
-        if HOST_UID_BASE <= uid < HOST_UID_BASE + HOST_UID_SPAN:
+        if HOST_UID_BASE <= uid < HOST_UID_BASE + HOST_UID_SPAN and state != "Z":
             pids.append(int(entry.name))
     return pids
 
