@@ -1,0 +1,624 @@
+"""sealbox benchmarks: every number side by side with the baseline a user would compare with.
+
+Absolute times on the machines here are noisy (2 cores, nested virtualisation), so each
+benchmark measures sealbox and its baseline in the same run and reports the ratio. Budgets
+(targets) are printed as PASS/MISS; a MISS does not fail the run. The exit code is non-zero
+only when the harness itself failed (an exception while measuring).
+
+Run with `bench/run` (which runs `scripts/setup` first); see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bigserver import BenchServer  # noqa: E402
+
+from sealbox._sys import cgroups  # noqa: E402
+from sealbox.egress.gateway import ResolvePin  # noqa: E402
+from sealbox.egress.secrets import SecretSpec  # noqa: E402
+from sealbox.engine.config import EngineConfig  # noqa: E402
+from sealbox.engine.engine import Engine  # noqa: E402
+from sealbox.engine.spec import ExecRequest, ExecResult, SandboxSpec  # noqa: E402
+from sealbox.runtimes import registry  # noqa: E402
+
+TIERS = ("namespace", "gvisor", "microvm")
+BENCH_HOST = "api.bench.test"
+SECRET_VALUE = "sk-bench-real-value-0123456789"
+CPU_CMD = ["python3", "-c", "sum(i*i for i in range(3*10**6))"]
+SYSCALL_CMD = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=100000", "status=none"]
+BIG_BYTES = 20 * 1024 * 1024
+
+
+# ----- statistics and results ------------------------------------------------------------------
+def pct(samples: list[float], q: float) -> float:
+    """Percentile by linear interpolation (q in 0..100); with few samples p95 is near the max."""
+    s = sorted(samples)
+    if not s:
+        return math.nan
+    k = (len(s) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+@dataclass
+class Row:
+    bench: str
+    tier: str
+    unit: str
+    samples: list[float]
+    baseline_name: str
+    baseline: list[float]
+    target: str = ""
+    status: str = ""
+    note: str = ""
+    higher_is_better: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def p50(self) -> float:
+        return pct(self.samples, 50)
+
+    @property
+    def p95(self) -> float:
+        return pct(self.samples, 95)
+
+    @property
+    def base_p50(self) -> float:
+        return pct(self.baseline, 50)
+
+    @property
+    def ratio(self) -> float:
+        """How many times slower (or bigger) than the baseline: >1 means sealbox costs more."""
+        b, s = self.base_p50, self.p50
+        if not b or not s or math.isnan(b) or math.isnan(s):
+            return math.nan
+        return b / s if self.higher_is_better else s / b
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(n=len(self.samples), p50=self.p50, p95=self.p95,
+                 baseline_p50=self.base_p50, baseline_p95=pct(self.baseline, 95),
+                 ratio=self.ratio)
+        return d
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.errors: list[dict[str, str]] = []
+        self.skipped: list[dict[str, str]] = []
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        print(f"  {row.bench} [{row.tier}]: p50 {fmt(row.p50, row.unit)}, baseline "
+              f"{fmt(row.base_p50, row.unit)}, x{row.ratio:.2f} {row.status}", flush=True)
+        return row
+
+
+def fmt(v: float, unit: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if unit == "s":
+        return f"{v * 1000:.1f} ms" if v < 10 else f"{v:.1f} s"
+    if unit == "bytes":
+        return f"{v / 2**20:.1f} MiB"
+    if unit == "B/s":
+        return f"{v / 1e6:.1f} MB/s"
+    return f"{v:g} {unit}"
+
+
+def table(rows: list[Row]) -> str:
+    head = ["benchmark", "tier", "n", "p50", "p95", "baseline", "baseline p50", "ratio",
+            "target", "status"]
+    body = [[r.bench, r.tier, str(len(r.samples)), fmt(r.p50, r.unit), fmt(r.p95, r.unit),
+             r.baseline_name, fmt(r.base_p50, r.unit),
+             "-" if math.isnan(r.ratio) else f"x{r.ratio:.2f}", r.target or "-",
+             r.status or "-"] for r in rows]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(c) + " |" for c in body])
+
+
+# ----- host-side helpers -----------------------------------------------------------------------
+def timed_run(argv: list[str], timeout: float = 120) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, timeout=timeout)
+    dt_ = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited {r.returncode}: {r.stderr.decode()[-500:]}")
+    return dt_
+
+
+def pss_of(pid: int) -> int:
+    """Proportional set size of PID in bytes (0 if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: set[int] = set()
+    todo = [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def cgroup_pids(sandbox_id: str) -> set[int]:
+    d = (cgroups.ROOT / cgroups.GROUP / sandbox_id if cgroups.is_v2()
+         else cgroups.ROOT / "memory" / cgroups.GROUP / sandbox_id)
+    try:
+        return {int(x) for x in (d / "cgroup.procs").read_text().split()}
+    except OSError:
+        return set()
+
+
+def cgroup_memory(sandbox_id: str) -> int | None:
+    f = (cgroups.ROOT / cgroups.GROUP / sandbox_id / "memory.current" if cgroups.is_v2()
+         else cgroups.ROOT / "memory" / cgroups.GROUP / sandbox_id / "memory.usage_in_bytes")
+    try:
+        return int(f.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def self_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def host_info() -> dict[str, Any]:
+    def out(*argv: str) -> str:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (r.stdout or r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
+                           capture_output=True, text=True).stdout.strip() != ""
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git_commit": out("git", "-C", str(ROOT), "rev-parse", "HEAD"),
+        "git_dirty": dirty,
+        "kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(),
+        "mem_gib": round(int(mem) / 2**20, 1), "python": platform.python_version(),
+        "cgroup": "v2" if cgroups.is_v2() else "v1",
+        "bwrap": out("bwrap", "--version"), "runsc": out("runsc", "--version"),
+        "qemu": out("qemu-system-x86_64", "--version"), "curl": out("curl", "--version"),
+        "tiers": {n: {"ok": p.ok, "emulated": p.emulated, "detail": p.detail}
+                  for n, p in registry.probes().items()},
+    }
+
+
+# ----- the benchmarks --------------------------------------------------------------------------
+@dataclass
+class Settings:
+    tiers: list[str]
+    quick: bool
+
+    def reps(self, tier: str, normal: int, quick: int, microvm: int) -> int:
+        if tier == "microvm":
+            return min(microvm, quick) if self.quick else microvm
+        return quick if self.quick else normal
+
+
+class Bench:
+    def __init__(self, engine: Engine, server: BenchServer, settings: Settings,
+                 report: Report) -> None:
+        self.engine = engine
+        self.server = server
+        self.s = settings
+        self.report = report
+
+    async def _run(self, sid: str, cmd: list[str] | str, check: bool = True) -> ExecResult:
+        r = await self.engine.run(sid, ExecRequest(cmd=cmd, timeout=600))
+        if check and r.exit_code != 0:
+            raise RuntimeError(f"{cmd!r} exited {r.exit_code} in {sid}: {r.stderr[-500:]}")
+        return r
+
+    async def _sandbox(self, tier: str, **kw: Any) -> str:
+        info = await self.engine.create(SandboxSpec(runtime=tier, timeout=3600, **kw))
+        return info.id
+
+    # 1. start -> first exec
+    async def start(self, tier: str) -> None:
+        n = self.s.reps(tier, 10, 3, 3)
+        samples: list[float] = []
+        if tier != "microvm":  # warm the page cache and probe caches; microvm is too slow
+            sid = await self._sandbox(tier)
+            await self.engine.kill(sid)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            sid = await self._sandbox(tier)
+            try:
+                await self._run(sid, ["true"])
+                samples.append(time.perf_counter() - t0)
+            finally:
+                await self.engine.kill(sid)
+        if tier == "namespace":
+            name = "bare bwrap --unshare-all true"
+            base = [await asyncio.to_thread(
+                timed_run, ["bwrap", "--ro-bind", "/", "/", "--unshare-all", "true"])
+                for _ in range(n)]
+            target, status, note = "", "", ""
+        elif tier == "gvisor":
+            name = "bare runsc do /bin/true"
+            base = [await asyncio.to_thread(
+                timed_run, ["runsc", "--platform=ptrace", "--network=none", "do", "/bin/true"])
+                for _ in range(n)]
+            target = "< 300 ms"
+            status = "PASS" if pct(samples, 50) < 0.3 else "MISS"
+            note = ""
+        else:
+            name = "bare QEMU boot (same kernel+initrd, first byte on agent port)"
+            base = [await asyncio.to_thread(_bare_microvm_boot) for _ in range(n)]
+            target = "restore < 1 s"
+            status = "MISS"
+            note = ("no snapshot restore implemented yet: this is a cold boot under "
+                    + _microvm_accel())
+        self.report.add(Row("start → first exec", tier, "s", samples, name, base,
+                            target, status, note))
+
+    # 2. exec round trip
+    async def exec_rt(self, tier: str) -> None:
+        n = self.s.reps(tier, 30, 10, 10)
+        sid = await self._sandbox(tier)
+        try:
+            for _ in range(2):
+                await self._run(sid, ["true"])
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await self._run(sid, ["true"])
+                samples.append(time.perf_counter() - t0)
+        finally:
+            await self.engine.kill(sid)
+        base = [await asyncio.to_thread(timed_run, ["true"]) for _ in range(n)]
+        self.report.add(Row("exec round trip (true)", tier, "s", samples,
+                            "host subprocess.run(['true'])", base))
+
+    # 3. memory per idle sandbox
+    async def memory(self, tier: str) -> None:
+        k = {"namespace": 5, "gvisor": 3, "microvm": 1}[tier]
+        if self.s.quick:
+            k = min(k, 2)
+        me = os.getpid()
+        before_desc = descendants(me)
+        pss_before = sum(pss_of(p) for p in before_desc)
+        rss_before = self_rss()
+        ids: list[str] = []
+        try:
+            for _ in range(k):
+                ids.append(await self._sandbox(tier))
+            for sid in ids:  # the agent answered; let it settle to idle
+                await self._run(sid, ["true"])
+            await asyncio.sleep(3)
+            pids = (descendants(me) - before_desc)
+            for sid in ids:
+                pids |= cgroup_pids(sid)
+            pids.discard(me)
+            pss_total = sum(pss_of(p) for p in pids)
+            cg = [cgroup_memory(sid) for sid in ids]
+            engine_rss = self_rss() - rss_before
+        finally:
+            for sid in ids:
+                await self.engine.kill(sid)
+        del pss_before
+        per_sandbox_pss = pss_total / k
+        base = await asyncio.to_thread(_idle_python_pss, k)
+        cg_known = [c for c in cg if c is not None]
+        self.report.add(Row(
+            "host memory per idle sandbox (PSS)", tier, "bytes", [per_sandbox_pss],
+            "idle host python3 (the agent's interpreter)", [base],
+            note=f"{k} sandboxes, {len(pids)} processes",
+            extra={"k": k, "pss_total": pss_total, "processes": len(pids),
+                   "cgroup_usage_per_sandbox": cg, "engine_rss_growth_total": engine_rss}))
+        if cg_known:
+            self.report.add(Row(
+                "host memory per idle sandbox (cgroup usage)", tier, "bytes",
+                [float(c) for c in cg_known], "idle host python3 PSS", [base],
+                note="memory cgroup charge: processes + page cache + tmpfs + kernel memory"))
+
+    # 4. workloads
+    async def workloads(self, tier: str, host: dict[str, list[float]]) -> dict[str, list[float]]:
+        n = self.s.reps(tier, 5, 2, 3)
+        sid = await self._sandbox(tier)
+        out: dict[str, list[float]] = {}
+        try:
+            for name, cmd in (("cpu", CPU_CMD), ("syscall", SYSCALL_CMD)):
+                await self._run(sid, cmd)  # warm-up
+                samples = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    await self._run(sid, cmd)
+                    samples.append(time.perf_counter() - t0)
+                out[name] = samples
+        finally:
+            await self.engine.kill(sid)
+        return out
+
+    # 5. egress gateway
+    async def egress(self) -> None:
+        n_req = 10 if self.s.quick else 30
+        n_big = 2 if self.s.quick else 4
+        sid = await self._sandbox(
+            "namespace", allow_net=[BENCH_HOST],
+            secrets={"BENCH_KEY": SecretSpec(value=SECRET_VALUE, hosts=[BENCH_HOST])})
+        port = self.server.port
+        fmt_w = "%{time_connect} %{time_appconnect} %{time_total}\\n"
+        try:
+            url = f"https://{BENCH_HOST}/small"
+            pairs = " ".join(f"-o /dev/null {url}" for _ in range(n_req))
+            cmd = (f"curl -sS --fail -H \"Authorization: Bearer $BENCH_KEY\" "
+                   f"-w '{fmt_w}' {pairs}")
+            await self._run(sid, cmd)  # warm: gateway leaf certificate minted, caches filled
+            inside = _parse_curl((await self._run(sid, cmd)).stdout)
+            big_cmd = (f"curl -sS --fail -o /dev/null -w '%{{speed_download}} %{{time_total}}\\n' "
+                       f"https://{BENCH_HOST}/big?bytes={BIG_BYTES}")
+            inside_big = [_parse_speed((await self._run(sid, big_cmd)).stdout)
+                          for _ in range(n_big)]
+        finally:
+            await self.engine.kill(sid)
+        substituted = f"Bearer {SECRET_VALUE}" in self.server.auth_seen
+        hurl = f"https://{BENCH_HOST}:{port}/small"
+        common = ["curl", "-sS", "--fail", "--resolve", f"{BENCH_HOST}:{port}:127.0.0.1",
+                  "--cacert", str(self.server.ca_path)]
+        host_cmd = [*common, "-H", f"Authorization: Bearer {SECRET_VALUE}",
+                    "-w", fmt_w.replace("\\n", "\n")]
+        for _ in range(n_req):
+            host_cmd += ["-o", "/dev/null", hurl]
+        host = _parse_curl(await asyncio.to_thread(_capture, host_cmd))
+        host_big = [_parse_speed(await asyncio.to_thread(_capture, [
+            *common, "-o", "/dev/null", "-w", "%{speed_download} %{time_total}\n",
+            f"https://{BENCH_HOST}:{port}/big?bytes={BIG_BYTES}"])) for _ in range(n_big)]
+        note = "placeholder swapped for the real key upstream: " + ("yes" if substituted else "NO")
+        self.report.add(Row(
+            "egress: first HTTPS request (connect + TLS + request)", "namespace", "s",
+            [inside[0][2]], "curl from host, direct", [host[0][2]], note=note,
+            extra={"inside_appconnect": inside[0][1], "host_appconnect": host[0][1]}))
+        self.report.add(Row(
+            "egress: HTTPS request on a reused connection", "namespace", "s",
+            [t for _, _, t in inside[1:]], "curl from host, direct",
+            [t for _, _, t in host[1:]], note=f"{n_req - 1} requests on one connection"))
+        self.report.add(Row(
+            "egress: 20 MiB HTTPS download throughput", "namespace", "B/s",
+            [s for s, _ in inside_big], "curl from host, direct", [s for s, _ in host_big],
+            higher_is_better=True, note="ratio = host speed / sandbox speed"))
+
+
+def _capture(argv: list[str]) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv[:3])}... exited {r.returncode}: {r.stderr[-500:]}")
+    return r.stdout
+
+
+def _parse_curl(text: str) -> list[tuple[float, float, float]]:
+    rows = [tuple(float(x) for x in line.split()) for line in text.split("\n") if line.strip()]
+    if not rows:
+        raise RuntimeError(f"no curl timings in {text!r}")
+    return [(a, b, c) for a, b, c in rows]
+
+
+def _parse_speed(text: str) -> tuple[float, float]:
+    speed, total = text.split()[:2]
+    return float(speed), float(total)
+
+
+def _microvm_accel() -> str:
+    from sealbox.runtimes import microvm
+
+    accel = microvm._probe()[1]
+    return accel.name.upper() if accel else "?"
+
+
+def _bare_microvm_boot() -> float:
+    """A bare QEMU boot of the same kernel and initramfs, timed to the first byte on the agent
+    port: the microvm tier's own probe boot (no netns, no cgroup, no agent, no engine)."""
+    from sealbox.runtimes import microvm
+    from sealbox.runtimes.microvm_image import Assets
+    from sealbox.runtimes.namespace import HOST_UID_BASE
+
+    accel = microvm._probe()[1]
+    assets = Assets.load()
+    if accel is None or assets is None:
+        raise RuntimeError("microvm tier unavailable")
+    t0 = time.perf_counter()
+    why = microvm._probe_boot(assets, accel, microvm.TCG_PROBE_TIMEOUT, HOST_UID_BASE)
+    if why is not None:
+        raise RuntimeError(f"bare microvm boot failed: {why}")
+    return time.perf_counter() - t0
+
+
+def _idle_python_pss(k: int) -> float:
+    """PSS of one idle host python3 among K of them (sharing pages as K agents would)."""
+    procs = [subprocess.Popen(["python3", "-I", "-c", "import sys, time; print(flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE)
+             for _ in range(k)]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            p.stdout.readline()
+        time.sleep(0.5)
+        return sum(pss_of(p.pid) for p in procs) / k
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+# ----- main ------------------------------------------------------------------------------------
+async def run_all(settings: Settings, report: Report, only: set[str] | None) -> None:
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    with tempfile.TemporaryDirectory(prefix="sealbox-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        server = BenchServer(tmp, BENCH_HOST)
+        engine = Engine(EngineConfig(
+            data_dir=tmp / "data",
+            resolve=[ResolvePin.parse(f"{BENCH_HOST}:443:127.0.0.1:{server.port}")],
+            upstream_ca=[server.ca_path]))
+        bench = Bench(engine, server, settings, report)
+
+        async def guard(what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+            print(f"- {what}", flush=True)
+            try:
+                return await fn()
+            except Exception as exc:  # a harness failure: recorded, the run goes on
+                traceback.print_exc()
+                report.errors.append({"bench": what, "error": f"{type(exc).__name__}: {exc}"})
+                return None
+
+        try:
+            await engine.start()
+            tiers = []
+            probes = registry.probes()
+            for t in settings.tiers:
+                p = probes[t]
+                if p.ok:
+                    tiers.append(t)
+                else:
+                    report.skipped.append({"tier": t, "why": p.detail})
+                    print(f"- skipping tier {t}: {p.detail}", flush=True)
+            for t in tiers:
+                if wanted("start"):
+                    await guard(f"start {t}", lambda t=t: bench.start(t))
+                if wanted("exec"):
+                    await guard(f"exec {t}", lambda t=t: bench.exec_rt(t))
+                if wanted("memory"):
+                    await guard(f"memory {t}", lambda t=t: bench.memory(t))
+            if wanted("workload"):
+                await guard("workloads", lambda: workloads(bench, tiers))
+            if wanted("egress") and "namespace" in tiers:
+                await guard("egress", bench.egress)
+        finally:
+            await engine.close()
+            server.close()
+
+
+async def workloads(bench: Bench, tiers: list[str]) -> None:
+    n_host = 2 if bench.s.quick else 5
+    host = {name: [await asyncio.to_thread(timed_run, cmd) for _ in range(n_host)]
+            for name, cmd in (("cpu", CPU_CMD), ("syscall", SYSCALL_CMD))}
+    per_tier: dict[str, dict[str, list[float]]] = {}
+    for t in tiers:
+        try:
+            per_tier[t] = await bench.workloads(t, host)
+        except Exception as exc:
+            traceback.print_exc()
+            bench.report.errors.append({"bench": f"workloads {t}",
+                                        "error": f"{type(exc).__name__}: {exc}"})
+    labels = {"cpu": "CPU-heavy (python sum of squares, 3e6)",
+              "syscall": "syscall-heavy (dd bs=1, 200k syscalls)"}
+    for name in ("cpu", "syscall"):
+        ns = per_tier.get("namespace", {}).get(name)
+        for t, res in per_tier.items():
+            row = bench.report.add(Row(labels[name], t, "s", res[name], "same on the host",
+                                       host[name]))
+            if ns and t != "namespace":
+                row.extra["ratio_to_namespace"] = pct(res[name], 50) / pct(ns, 50)
+                row.note = f"x{row.extra['ratio_to_namespace']:.2f} vs namespace"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--tiers", default=",".join(TIERS),
+                    help="comma-separated tiers (default: all three)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated subset of start,exec,memory,workload,egress")
+    ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = ap.parse_args(argv)
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    bad = [t for t in tiers if t not in TIERS]
+    if bad:
+        ap.error(f"unknown tier(s) {', '.join(bad)}: choose from {', '.join(TIERS)}")
+    only = {x.strip() for x in args.only.split(",") if x.strip()} or None
+    if os.geteuid() != 0:
+        print("bench: must run as root (sandboxes need namespaces, cgroups and nftables)",
+              file=sys.stderr)
+        return 2
+
+    settings = Settings(tiers=tiers, quick=args.quick)
+    report = Report()
+    info = host_info()
+    print(f"sealbox benchmarks, {info['date']}, commit {info['git_commit'][:10]}"
+          f"{' (dirty)' if info['git_dirty'] else ''}, {info['cpus']} CPUs, kernel "
+          f"{info['kernel']}, tiers {','.join(tiers)}{' (quick)' if args.quick else ''}",
+          flush=True)
+    started = time.monotonic()
+    try:
+        asyncio.run(run_all(settings, report, only))
+    except Exception as exc:
+        traceback.print_exc()
+        report.errors.append({"bench": "harness", "error": f"{type(exc).__name__}: {exc}"})
+    info["duration_s"] = round(time.monotonic() - started, 1)
+    info["quick"] = args.quick
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "host": info, "results": [r.as_json() for r in report.rows],
+        "skipped": report.skipped, "errors": report.errors,
+        "table_markdown": table(report.rows),
+    }, indent=2, default=str) + "\n")
+    print()
+    print(table(report.rows))
+    for s in report.skipped:
+        print(f"skipped tier {s['tier']}: {s['why']}")
+    for e in report.errors:
+        print(f"HARNESS ERROR in {e['bench']}: {e['error']}")
+    print(f"\nresults: {out} ({info['duration_s']} s)")
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
