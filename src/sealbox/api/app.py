@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from sealbox.api import errors, routes_exec, routes_files, routes_sandboxes, routes_system
+from sealbox.api import preview, routes_ssh_keys
 from sealbox.api.auth import KeyRing
 from sealbox.engine.engine import Engine
 
@@ -49,4 +50,6 @@ def create_app(engine: Engine, keys: KeyRing) -> FastAPI:
     errors.install(app)
     for module in (routes_system, routes_sandboxes, routes_exec, routes_files):
         app.include_router(module.router)
+    preview.install(app)
+    routes_ssh_keys.install(app, engine)
     return app

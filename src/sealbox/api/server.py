@@ -11,7 +11,9 @@ from pathlib import Path
 
 import uvicorn
 
+from sealbox.api import preview
 from sealbox.api.app import create_app
+from sealbox.api.routes_ssh_keys import start_gateway
 from sealbox.api.auth import KeyRing, load_admin_key
 from sealbox.egress.gateway import ResolvePin
 from sealbox.engine.config import EngineConfig, default_data_dir
@@ -33,6 +35,10 @@ class ServerConfig:
     """`HOST:PORT:ADDR[:ADDRPORT]` pins for every sandbox of the installation."""
     upstream_ca: list[Path] = field(default_factory=list)
     log_level: str = "info"
+    ssh_port: int | None = None
+    """Start the SSH gateway on this port (on `host`); 0 picks a free one."""
+    preview_domain: str = "localhost"
+    """Preview URLs are `http://PORT-ID.DOMAIN:PORT/`."""
 
 
 class _Server(uvicorn.Server):
@@ -66,17 +72,28 @@ async def serve(config: ServerConfig) -> None:
     if admin_file is not None:
         print(f"sealbox: the admin API key is in {admin_file}", flush=True)
     app = create_app(engine, KeyRing(engine.store, admin_hash))
+    app.state.previews = preview.PreviewRegistry(config.preview_domain)
+    ssh = await start_gateway(app, config.host, config.ssh_port) if config.ssh_port is not None else None
+    if ssh is not None:
+        print(f"sealbox: SSH gateway on {config.host}:{ssh.port}", flush=True)
     server = _Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level,
         lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     ), engine)
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        if ssh is not None:
+            await ssh.close()
+        await app.state.previews.close()
 
 
 def run_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT, data_dir: Path | None = None,
                max_timeout: float | None = None, resolve: Sequence[str] = (),
-               upstream_ca: Sequence[Path] = (), log_level: str = "info") -> None:
+               upstream_ca: Sequence[Path] = (), log_level: str = "info",
+               ssh_port: int | None = None, preview_domain: str = "localhost") -> None:
     asyncio.run(serve(ServerConfig(
         host=host, port=port, data_dir=data_dir or default_data_dir(), max_timeout=max_timeout,
         resolve=list(resolve), upstream_ca=list(upstream_ca), log_level=log_level,
+        ssh_port=ssh_port, preview_domain=preview_domain,
     )))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 
 import asyncio
+import contextlib
 import secrets as pysecrets
 import shutil
 import string
@@ -75,6 +76,11 @@ def describe_limit(limit: str, info: SandboxInfo) -> str:
     return f"{limit} limit reached"
 
 
+async def _drain(handle: ExecHandle) -> None:
+    with contextlib.suppress(SandboxGone):
+        await handle.wait()
+
+
 class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
@@ -87,7 +93,7 @@ class Engine:
             resolve=list(self.config.resolve), upstream_ca=list(self.config.upstream_ca),
         ))
         self._live: dict[str, _Live] = {}
-        self._background: set[asyncio.Task[ExitStatus]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._started = False
 
     async def start(self) -> None:
@@ -291,6 +297,11 @@ class Engine:
     def guest(self, sandbox_id: str, owner: str | None = None) -> GuestClient:
         return self._running(sandbox_id, owner).guest
 
+    def sandbox_address(self, sandbox_id: str, owner: str | None = None) -> str:
+        """The sandbox's own address on its link (host-initiated connections reach it)."""
+        self._running(sandbox_id, owner)
+        return str(self.gateway._get(sandbox_id).link.sandbox_ip)
+
     # ----- commands ---------------------------------------------------------------------
     async def exec(self, sandbox_id: str, req: ExecRequest, owner: str | None = None,
                    pty: tuple[int, int] | None = None) -> ExecHandle:
@@ -335,7 +346,7 @@ class Engine:
         if req.background:
             handle = await self.exec(sandbox_id, req, owner)
             # Drain its output so flow control never stalls a command nobody listens to.
-            task = asyncio.create_task(handle.wait())
+            task = asyncio.create_task(_drain(handle))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return ExecResult(exit_code=None, pid=handle.pid, stdout="", stderr="")
