@@ -253,7 +253,7 @@ class SshGateway:
         pty: tuple[int, int] | None = None
         if term:
             width, height, _, _ = process.get_terminal_size()
-            pty = (max(height, 1) or 24, max(width, 1) or 80)
+            pty = (height if height > 0 else 24, width if width > 0 else 80)
             env["TERM"] = term
         command = process.command
         argv = ["/bin/sh", "-c", command] if command else DEFAULT_SHELL
@@ -501,34 +501,46 @@ class _ReadFile:
 
 
 class _WriteFile:
-    """Writes stream into one atomic guest write; they must come in order (or nearly:
-    up to MAX_AHEAD bytes of pipelined writes are held until the gap fills)."""
+    """Writes stream into one atomic guest write, which starts at the first write (or at
+    close, for an empty file). They must come in order, or nearly: up to MAX_AHEAD bytes of
+    pipelined writes are held until the gap fills. The file becomes exactly what was written.
+    """
 
     MAX_AHEAD = 8 * 1024 * 1024
 
-    def __init__(self, guest: GuestClient, path: str, mode: int) -> None:
+    def __init__(self, guest: GuestClient, path: str, mode: int, replace: bool) -> None:
+        self.guest = guest
         self.path = path
+        self.mode = mode
+        self.replace = replace  # truncating or creating: closing with no writes empties it
         self.pos = 0
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
         self._ahead: dict[int, bytes] = {}
-        self._task = asyncio.get_running_loop().create_task(
-            guest.write_file(path, self._chunks(), mode=mode))
+        self._task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
+
+    def _started(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self.guest.write_file(self.path, self._chunks(), mode=self.mode))
+        return self._task
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         while (chunk := await self._queue.get()) is not None:
             yield chunk
 
     async def _put(self, item: bytes | None) -> None:
+        task = self._started()
         put = asyncio.ensure_future(self._queue.put(item))
-        done, _ = await asyncio.wait({put, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({put, task}, return_when=asyncio.FIRST_COMPLETED)
         if put not in done:
             put.cancel()
-            await self._failed()
+            await self._failed(task)
 
-    async def _failed(self) -> NoReturn:
+    @staticmethod
+    async def _failed(task: asyncio.Task[None]) -> NoReturn:
         try:
-            await self._task
+            await task
         except SealboxError as exc:
             raise _sftp_error(exc) from None
         raise asyncssh.SFTPFailure("the write ended early")
@@ -550,12 +562,16 @@ class _WriteFile:
 
     async def close(self) -> None:
         if self._ahead:
-            self._task.cancel()
+            if self._task is not None:
+                self._task.cancel()
             raise asyncssh.SFTPFailure("the file has a gap: some writes never arrived")
-        if not self._task.done():
+        if self._task is None and not self.replace:
+            return  # opened without truncation and never written: leave the file as it was
+        task = self._started()
+        if not task.done():
             await self._put(None)
         try:
-            await self._task
+            await task
         except SealboxError as exc:
             raise _sftp_error(exc) from None
 
@@ -621,13 +637,17 @@ class _SandboxSFTP(asyncssh.SFTPServer):
                 raise asyncssh.SFTPFileAlreadyExists(f"{name} exists")
             if existing.type == "dir":
                 raise asyncssh.SFTPFileIsADirectory(f"{name} is a directory")
-            if not pflags & asyncssh.FXF_TRUNC and existing.size > 0:
-                _unsupported("changing part of an existing file (open it with truncation)")
+            if pflags & asyncssh.FXF_APPEND and existing.size > 0:
+                _unsupported("appending to a file")
         elif not pflags & asyncssh.FXF_CREAT:
             raise asyncssh.SFTPNoSuchFile(f"{name} does not exist")
         mode = (attrs.permissions & 0o7777) if attrs.permissions is not None else (
             existing.mode if existing is not None else 0o644)
-        return _WriteFile(guest, name, mode)
+        # Without truncation the client still writes the whole file from offset 0 (OpenSSH
+        # then sets the size): the file becomes what was written. In-place edits of part of a
+        # file are not supported (a write behind the current position is refused).
+        return _WriteFile(guest, name, mode,
+                          replace=existing is None or bool(pflags & asyncssh.FXF_TRUNC))
 
     def open56(self, path: bytes, desired_access: int, flags: int,
                attrs: asyncssh.SFTPAttrs) -> NoReturn:
@@ -744,7 +764,10 @@ class _SandboxSFTP(asyncssh.SFTPServer):
         """Writes land atomically at close; nothing to do here."""
 
     def exit(self) -> None:
-        """Open files are closed by the client or dropped with the session."""
+        """The session ends: report success as sftp-server does (OpenSSH's scp, in SFTP mode,
+        fails without an exit status). Open files are dropped with the session."""
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self.channel.exit(0)
 
 
 # Names of SFTPServer methods that never touch the host's files (the test checks that every
