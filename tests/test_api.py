@@ -12,15 +12,10 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,64 +26,11 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from support.server import ADMIN_KEY, Server, start_server
+
 pytestmark = pytest.mark.privileged
 
-ADMIN_KEY = "sbk_test-admin-key-0123456789abcdefghijklmnopqrstuv"
-START_TIMEOUT = 30.0
 MiB = 1024 * 1024
-
-
-# ----- the server under test ------------------------------------------------------------------
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> bool:
-        """SIGTERM, as an operator or systemd would; whether the server shut down cleanly."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        # uvicorn re-raises the signal once it has shut down, so -SIGTERM is a clean exit.
-        return code in (0, -signal.SIGTERM) and "Traceback" not in self.log.read_text()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_server(data_dir: Path, admin_key: str | None = ADMIN_KEY) -> Server:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "SEALBOX_ADMIN_KEY"}
-    if admin_key is not None:
-        env["SEALBOX_ADMIN_KEY"] = admin_key
-    code = ("import sys; from pathlib import Path; from sealbox.api.server import run_server; "
-            "run_server(port=int(sys.argv[1]), data_dir=Path(sys.argv[2]), log_level='warning')")
-    log = data_dir.parent / f"server-{port}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code, str(port), str(data_dir)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited at start:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{server.url}/v1/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            time.sleep(0.1)
-    server.stop()
-    raise AssertionError(f"server did not answer within {START_TIMEOUT}s:\n{log.read_text()}")
 
 
 def leftovers(sandbox_ids: list[str]) -> list[str]:

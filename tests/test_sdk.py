@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Iterator
+
+import httpx
 
 import pytest
 
@@ -13,6 +16,7 @@ from sealbox.errors import CommandError, ConfigError, NotFoundError
 from sealbox.guest.client import Output
 from sealbox.sdk.async_sandbox import AsyncFiles
 from sealbox.sdk.sync_sandbox import Files
+from support.server import ADMIN_KEY, start_server
 
 
 def public(cls: type) -> dict[str, inspect.Signature]:
@@ -36,8 +40,31 @@ def test_sync_surface_matches_async(sync: type, async_: type) -> None:
         assert list(s[name].parameters) == list(a[name].parameters), name
 
 
-def test_sync_embedded_roundtrip() -> None:
-    with Sandbox.create(runtime="namespace", cpus=1, memory="512MiB", timeout=600) as sb:
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real server and a tenant key for it."""
+    server = start_server(tmp_path_factory.mktemp("remote") / "data")
+    try:
+        resp = httpx.post(f"{server.url}/v1/keys", json={"tenant": "sdk"},
+                          headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        resp.raise_for_status()
+        yield {"url": server.url, "api_key": resp.json()["key"]}
+    finally:
+        assert server.stop()
+
+
+@pytest.fixture(params=["embedded", "remote"])
+def where(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Keyword arguments that point the same SDK code at an embedded engine or a server."""
+    if request.param == "embedded":
+        return {}
+    remote: dict[str, str] = request.getfixturevalue("remote")
+    return remote
+
+
+def test_sync_roundtrip(where: dict[str, str]) -> None:
+    with Sandbox.create(runtime="namespace", cpus=1, memory="512MiB", timeout=600,
+                        **where) as sb:
         sb.files.write("/workspace/main.py", b"print('hi')")
         r = sb.exec("python3 main.py")
         assert (r.exit_code, r.stdout) == (0, "hi\n")
@@ -53,12 +80,23 @@ def test_sync_embedded_roundtrip() -> None:
         assert err.value.result.exit_code == 3
         with pytest.raises(NotFoundError):
             sb.files.read("/workspace/missing")
+        pty = sb.pty(rows=30, cols=100, cmd=["sh", "-c", "stty size; tty"])
+        screen = b"".join(pty)
+        assert b"30 100" in screen and b"/dev/pts/" in screen
+        assert pty.wait() == 0
+        bg = sb.exec("sleep 30", background=True)
+        assert bg.exit_code is None and bg.pid
+        sb.set_egress(["api.example.test"])
+        assert sb.info.allow_net == ["api.example.test"]
+        assert any(e["kind"] == "created" for e in sb.logs())
         sid = sb.id
-    assert Sandbox.connect(sid).info.state.value == "killed"
+    again = Sandbox.connect(sid, **where)
+    assert again.info.state.value == "killed"
+    again.disconnect()
 
 
-def test_stream_chunks_arrive_before_exit() -> None:
-    with Sandbox.create(runtime="namespace") as sb:
+def test_stream_chunks_arrive_before_exit(where: dict[str, str]) -> None:
+    with Sandbox.create(runtime="namespace", **where) as sb:
         arrivals = []
         for item in sb.exec_stream("echo first; sleep 1; echo second"):
             arrivals.append((time.monotonic(), item))

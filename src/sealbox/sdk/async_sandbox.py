@@ -201,6 +201,10 @@ class AsyncSandbox:
         self.info = await self._backend.kill(self.id)
         return self.info
 
+    async def disconnect(self) -> None:
+        """Release the connection to the backend; the sandbox keeps running."""
+        await self._backend.close()
+
     async def close(self) -> None:
         """Kill the sandbox and release the connection to its backend."""
         try:

@@ -150,6 +150,9 @@ class Sandbox:
     def kill(self) -> SandboxInfo:
         return portal().call(self._a.kill())
 
+    def disconnect(self) -> None:
+        portal().call(self._a.disconnect())
+
     def close(self) -> None:
         portal().call(self._a.close())
 
