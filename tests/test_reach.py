@@ -31,7 +31,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+import typer
+from typer.testing import CliRunner
+
 from sealbox.api.ssh import SAFE_INHERITED, _SandboxSFTP
+from sealbox.cli import reach
 
 pytestmark = pytest.mark.privileged
 
@@ -493,7 +497,7 @@ def test_ssh_keys_api(server: ReachServer, alice: Tenant, bob: Tenant, keydir: P
 
 def test_sftp_server_overrides_every_host_operation() -> None:
     """Anything inherited from asyncssh.SFTPServer would act on the host's own files."""
-    for name, member in inspect.getmembers(asyncssh.SFTPServer):
+    for name, _ in inspect.getmembers(asyncssh.SFTPServer):
         if name.startswith("_") or name in SAFE_INHERITED:
             continue
         assert name in vars(_SandboxSFTP), f"SFTPServer.{name} is not overridden"
@@ -687,6 +691,73 @@ def test_sessions_end_with_the_sandbox(server: ReachServer, alice: Tenant) -> No
         assert proc.returncode == 255
     finally:
         alice.api.delete(f"/v1/sandboxes/{sandbox}")
+
+
+# ----- CLI ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cli(server: ReachServer, alice: Tenant, monkeypatch: pytest.MonkeyPatch) -> typer.Typer:
+    monkeypatch.setenv("SEALBOX_URL", server.url)
+    monkeypatch.setenv("SEALBOX_API_KEY", alice.key)
+    app = typer.Typer()
+    app.command()(reach.expose)
+    app.command()(reach.code)
+    app.add_typer(reach.ssh_key_app, name="ssh-key")
+    return app
+
+
+def test_cli_expose(server: ReachServer, app: Tenant, cli: typer.Typer) -> None:
+    result = CliRunner().invoke(cli, ["expose", app.sandbox, str(APP_PORT)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    url = lines[-1]
+    assert url == f"http://{APP_PORT}-{app.sandbox}.localhost:{server.port}/"
+    token = lines[0].split()[1]
+    resp = httpx.get(f"{server.url}/", headers={"Host": host_of(url)},
+                     params={"sealbox_token": token})
+    assert resp.text == "hello from the sandbox\n"
+    result = CliRunner().invoke(cli, ["expose", "sbnosuchsandbox", "80"])
+    assert result.exit_code == 1 and "no sandbox" in result.output
+
+
+def test_cli_ssh_keys(cli: typer.Typer, keydir: Path) -> None:
+    key = _keypair(keydir, "clikey")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["ssh-key", "add", str(key)])
+    assert result.exit_code == 2 and "private key" in result.output
+    result = runner.invoke(cli, ["ssh-key", "add", str(key.with_suffix(".pub"))])
+    assert result.exit_code == 0, result.output
+    fingerprint = result.output.split()[1]
+    assert fingerprint.startswith("SHA256:")
+    assert fingerprint in runner.invoke(cli, ["ssh-key", "ls"]).output
+    assert runner.invoke(cli, ["ssh-key", "rm", fingerprint]).exit_code == 0
+    assert fingerprint not in runner.invoke(cli, ["ssh-key", "ls"]).output
+    assert runner.invoke(cli, ["ssh-key", "rm", fingerprint]).exit_code == 1
+
+
+def test_cli_code_writes_an_idempotent_ssh_config(server: ReachServer, alice: Tenant,
+                                                  cli: typer.Typer, tmp_path: Path) -> None:
+    config = tmp_path / "ssh" / "config"
+    config.parent.mkdir()
+    config.write_text("Host other\n    HostName example.invalid\n")
+    args = ["code", alice.sandbox, "--ssh-config", str(config), "--identity", str(alice.ssh_key)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"code --remote ssh-remote+sealbox-{alice.sandbox} /workspace")
+    first = config.read_text()
+    assert first.startswith("Host other\n    HostName example.invalid\n")
+    for line in (f"Host sealbox-{alice.sandbox}", "HostName 127.0.0.1",
+                 f"Port {server.ssh_port}", f"User {alice.sandbox}"):
+        assert line in first
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert config.read_text() == first  # idempotent
+    assert config.stat().st_mode & 0o777 == 0o600
+    # the block works as written, with the host key pinned (no trust on first use)
+    proc = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes",
+                           f"sealbox-{alice.sandbox}", "echo via-config"],
+                          capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.stdout == b"via-config\n", proc.stderr
 
 
 def test_tools_present() -> None:
