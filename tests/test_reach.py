@@ -602,7 +602,7 @@ def test_preview_websocket(server: ReachServer, app: Tenant) -> None:
     exposed = expose(app, APP_PORT)
     # The preview host name, connected to the server's loopback address.
     ws_url = f"ws://{host_of(exposed['url'])}/ws"
-    to_server = {"host": "127.0.0.1", "port": server.port}
+    to_server: dict[str, Any] = {"host": "127.0.0.1", "port": server.port}
 
     async def main() -> None:
         async with connect(ws_url, additional_headers={"X-Sealbox-Token": exposed["token"]},
@@ -686,9 +686,9 @@ def test_sessions_end_with_the_sandbox(server: ReachServer, alice: Tenant) -> No
         assert resp.status_code in (401, 404, 502)
         resp = alice.api.get(f"/v1/sandboxes/{sandbox}/ports/80/")
         assert resp.status_code in (404, 502)
-        proc = subprocess.run(ssh_cmd(server, alice, "true", user=sandbox),
-                              capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-        assert proc.returncode == 255
+        again = subprocess.run(ssh_cmd(server, alice, "true", user=sandbox),
+                               capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert again.returncode == 255
     finally:
         alice.api.delete(f"/v1/sandboxes/{sandbox}")
 
