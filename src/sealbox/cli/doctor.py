@@ -15,6 +15,10 @@ def doctor() -> None:
     for name, probe in registry.probes().items():
         any_ok = any_ok or probe.ok
         state = "[green]ok[/green]  " if probe.ok else "[red]no[/red]  "
-        console.print(f"{name:<10} {state} ({probe.detail})")
+        detail = " ".join(probe.detail.split())
+        console.print(f"{name:<10} {state} ({detail})", soft_wrap=True)
+        if probe.ok and probe.auto_skip:
+            console.print(f"{'':<10}      not chosen by --runtime auto: {probe.auto_skip}",
+                          soft_wrap=True)
     if not any_ok:
         raise typer.Exit(1)

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from sealbox.cli.common import run_async, write_out
+from sealbox.cli.common import fail, run_async, write_out
 from sealbox.cli.sandboxes import _connect
 from sealbox.engine.spec import ExecResult
 from sealbox.errors import SandboxGone
@@ -26,10 +26,15 @@ def exec_(
 ) -> None:
     """Run CMD in a sandbox, streaming its output; exits with its exit code."""
 
+    # Options stop at ID, so a "--" separator arrives as part of CMD.
+    argv = cmd[1:] if cmd[:1] == ["--"] else cmd
+    if not argv:
+        fail("error: give a command after the sandbox id: sealbox exec ID -- CMD", 2)
+
     async def main() -> int:
         sb = await _connect(sandbox_id)
         result: ExecResult | None = None
-        async for item in sb.exec_stream(cmd):
+        async for item in sb.exec_stream(argv):
             if isinstance(item, Output):
                 write_out(item.stream, item.data)
             else:

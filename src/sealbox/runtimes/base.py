@@ -19,8 +19,9 @@ class Probe:
 
     ok: bool
     detail: str
-    emulated: bool = False
-    """Works, but through CPU emulation (seconds per start): `auto` passes it over."""
+    auto_skip: str | None = None
+    """Works when asked for by name, but `auto` passes it over, for this reason (CPU
+    emulation making every start take seconds, a known defect of the installed version)."""
 
 
 @dataclass(frozen=True)

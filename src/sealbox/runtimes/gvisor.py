@@ -22,7 +22,7 @@ from sealbox._sys.cgroups import Cgroup
 from sealbox._sys.spawn import enter_netns
 from sealbox.errors import RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
-from sealbox.runtimes import probe_cache
+from sealbox.runtimes import probe_cache, seccomp
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe
 from sealbox.runtimes.namespace import (
     SANDBOX_UID,
@@ -41,7 +41,18 @@ def _runsc_base(platform: str) -> list[str]:
     # namespace. runsc 2022's netstack mode refuses to start on kernels >= 6.x (its
     # root-namespace check reads a sysctl that became per-namespace), so socket calls go to the
     # host kernel, confined to that namespace and still routed only to the gateway.
-    return ["runsc", "--root", str(RUNSC_ROOT), f"--platform={platform}", "--network=host"]
+    return ["runsc", "--root", str(RUNSC_ROOT), f"--platform={platform}", "--network=host",
+            "--oci-seccomp"]
+
+
+def _statx_problem(platform: str) -> str | None:
+    """runsc releases before 2023 answer statx(AT_NO_AUTOMOUNT) — what Debian 12's coreutils
+    send — with EINVAL, so `ls -l` and `stat` fail inside. Usable on request; not for `auto`."""
+    r = subprocess.run(["runsc", f"--platform={platform}", "--network=none", "do",
+                        "/usr/bin/stat", "/"], capture_output=True, text=True, timeout=10)
+    if r.returncode == 0:
+        return None
+    return "this runsc rejects statx: `ls -l` and `stat` fail inside (upgrade gVisor)"
 
 
 def _try_platforms() -> Probe:
@@ -56,7 +67,7 @@ def _try_platforms() -> Probe:
             errors.append(f"{platform}: hung")
             continue
         if r.returncode == 0:
-            return Probe(True, f"runsc, platform {platform}")
+            return Probe(True, f"runsc, platform {platform}", auto_skip=_statx_problem(platform))
         errors.append(f"{platform}: {(r.stderr.strip().splitlines() or ['failed'])[-1][:120]}")
     return Probe(False, "runsc does not start here (" + "; ".join(errors) + ")")
 
@@ -69,10 +80,10 @@ def _probe() -> Probe:
 
     def compute() -> dict[str, Any]:
         p = _try_platforms()
-        return {"ok": p.ok, "detail": p.detail}
+        return {"ok": p.ok, "detail": p.detail, "auto_skip": p.auto_skip}
 
     data = probe_cache.cached("gvisor", probe_cache.file_key(runsc), compute)
-    return Probe(bool(data["ok"]), str(data["detail"]))
+    return Probe(bool(data["ok"]), str(data["detail"]), data.get("auto_skip"))
 
 
 def platform() -> str:
@@ -163,6 +174,13 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
             ],
             "resources": resources,
+            "seccomp": {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [
+                    {"names": list(seccomp.DENIED), "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+                ],
+            },
             "cgroupsPath": f"/sealbox/{spec.sandbox_id}",
         },
     }

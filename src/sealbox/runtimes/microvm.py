@@ -223,12 +223,12 @@ def _probe() -> tuple[Probe, Accel | None]:
 
     def compute() -> dict[str, Any]:
         probe, accel = _probe_uncached()
-        return {"ok": probe.ok, "detail": probe.detail, "emulated": probe.emulated,
+        return {"ok": probe.ok, "detail": probe.detail, "auto_skip": probe.auto_skip,
                 "accel": accel.name if accel else None}
 
     data = probe_cache.cached("microvm", probe_cache.file_key(qemu, assets.kernel, assets.initrd,
                                                               "/dev/kvm"), compute)
-    probe = Probe(bool(data["ok"]), str(data["detail"]), bool(data["emulated"]))
+    probe = Probe(bool(data["ok"]), str(data["detail"]), data.get("auto_skip"))
     return probe, _accel(data["accel"]) if data["accel"] else None
 
 
@@ -252,7 +252,7 @@ def _probe_uncached() -> tuple[Probe, Accel | None]:
     if why is not None:
         return Probe(False, f"qemu microvm does not boot here ({kvm_why}; TCG: {why})"), None
     return Probe(True, f"qemu microvm, TCG: {kvm_why}; kernel {assets.kernel_version}",
-                 emulated=True), tcg
+                 auto_skip="TCG emulation: seconds per start"), tcg
 
 
 class MicrovmRuntime:

@@ -24,11 +24,12 @@ def probes() -> dict[str, Probe]:
 
 
 def lookup(name: str) -> Runtime:
-    """The tier NAME, or for "auto" the strongest that works here without CPU emulation.
+    """The tier NAME, or for "auto" the strongest that works here fully and fast (see
+    `Probe.auto_skip`).
     An explicit tier that does not work fails with the probe's reason: never a silent downgrade."""
     if name == "auto":
         working = [rt for rt in _RUNTIMES.values() if rt.probe().ok]
-        working = [rt for rt in working if not rt.probe().emulated] or working
+        working = [rt for rt in working if not rt.probe().auto_skip] or working
         if not working:
             reasons = "; ".join(f"{n}: {p.detail}" for n, p in probes().items())
             raise RuntimeUnavailable(f"no isolation tier works on this host ({reasons})")
