@@ -65,12 +65,30 @@ TIER_DIFFERENCES = {
 }
 
 
+# Product bugs this suite found: strict xfails, so a fix turns them into failures to remove.
+GVISOR_LIMIT_NOT_ATTRIBUTED = (
+    "gVisor: when a limit ends the whole sandbox, runsc removes its cgroup on exit before "
+    "GvisorSandbox.wait() reads limit_events(), so the OOM/pids counters read 0 and the "
+    "sandbox ends as 'stopped' with 'sandbox init exited with code 137' (OOM) / 'code 2' "
+    "(pids) instead of naming the limit")
+GVISOR_PIDS = (
+    GVISOR_LIMIT_NOT_ATTRIBUTED + "; also pids.max counts runsc's own Sentry/gofer threads "
+    "and ptrace stubs: pids=40 cannot even start ('failed to setupFS ... /etc/group ... "
+    "input/output error'), pids=64 fails with 'containerManager.StartRoot failed: EOF'")
+KNOWN_BUGS: dict[tuple[str, str], str] = {
+    ("memory_limit", "gvisor"): GVISOR_LIMIT_NOT_ATTRIBUTED,
+    ("pids_limit", "gvisor"): GVISOR_PIDS,
+}
+
+
 def tiers(case: str) -> list[Any]:
     """pytest params for CASE over every tier: unusable tiers skipped with the probe's reason,
-    microvm cases outside the focused subset marked slow."""
+    microvm cases outside the focused subset marked slow, known product bugs strict xfail."""
     params = []
     for tier in TIERS:
         marks: list[Any] = []
+        if (case, tier) in KNOWN_BUGS:
+            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case, tier]))
         probe = PROBES[tier]
         if not probe.ok:
             marks.append(pytest.mark.skip(reason=f"{tier} tier unavailable: {probe.detail}"))
@@ -604,7 +622,7 @@ async def test_memory_limit(world: World, make: Any, tier: str) -> None:
         # long as the sandbox ends and says why.
         assert tier == "gvisor", f"{tier}: the OOM took the whole sandbox: {exc}"
         info = await world.engine.wait(box.id)
-        assert info.state in (SandboxState.failed, SandboxState.killed)
+        assert info.state == SandboxState.failed, info
         assert info.end_reason is not None and "out of memory" in info.end_reason, info
         await assert_gone(box.id)
         return
@@ -617,7 +635,16 @@ async def test_memory_limit(world: World, make: Any, tier: str) -> None:
 @pytest.mark.parametrize("tier", tiers("pids_limit"))
 async def test_pids_limit(make: Any, tier: str) -> None:
     box = await make(tier, pids=40)
-    r = await box.sh("for i in $(seq 100); do sleep 5 & done; wait", timeout=30)
+    try:
+        r = await box.sh("for i in $(seq 100); do sleep 5 & done; wait", timeout=30)
+    except SandboxGone as exc:
+        # gVisor: running out of host pids takes down the Sentry, i.e. the whole sandbox.
+        # Correct (it harms only that sandbox) as long as it ends and says why.
+        assert tier == "gvisor", f"{tier}: the pids limit took the whole sandbox: {exc}"
+        info = await box.engine.wait(box.id)
+        assert info.end_reason is not None and "process limit" in info.end_reason, info
+        await assert_gone(box.id)
+        return
     assert r.limit is not None and "process limit" in r.limit, r
     again = await box.sh("echo still-alive")
     assert again.stdout == "still-alive\n"

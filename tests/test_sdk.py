@@ -89,6 +89,12 @@ def test_sync_roundtrip(where: dict[str, str]) -> None:
         sb.set_egress(["api.example.test"])
         assert sb.info.allow_net == ["api.example.test"]
         assert any(e["kind"] == "created" for e in sb.logs())
+        if where:
+            url = sb.expose(8000)["url"]
+            assert url.startswith(f"http://8000-{sb.id}.localhost:")
+        else:
+            with pytest.raises(ConfigError, match="SEALBOX_URL"):
+                sb.expose(8000)
         sid = sb.id
     again = Sandbox.connect(sid, **where)
     assert again.info.state.value == "killed"

@@ -7,6 +7,7 @@ import typer
 from sealbox.cli.doctor import doctor
 from sealbox.cli.exec import exec_, shell
 from sealbox.cli.files import cp
+from sealbox.cli.reach import code, expose, ssh_key_app
 from sealbox.cli.run import run
 from sealbox.cli.sandboxes import create, egress, kill, logs, ls
 from sealbox.cli.server import server
@@ -27,6 +28,9 @@ app.command()(cp)
 app.command()(shell)
 app.command()(logs)
 app.command()(egress)
+app.command()(expose)
+app.command()(code)
+app.add_typer(ssh_key_app, name="ssh-key")
 
 
 def main() -> None:

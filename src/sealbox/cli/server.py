@@ -20,6 +20,8 @@ def server(
         help="longest sandbox lifetime callers may ask for (e.g. 2h); default: no cap")] = None,
     resolve: ResolveOpt = None, upstream_ca: UpstreamCaOpt = None,
     ssh_port: Annotated[int | None, typer.Option(help="start the SSH gateway on PORT")] = None,
+    preview_domain: Annotated[str, typer.Option(
+        help="preview URLs are http://PORT-ID.DOMAIN:PORT/")] = "localhost",
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the REST API (and optionally the SSH gateway) until interrupted."""
@@ -31,8 +33,6 @@ def server(
         cap = parse_duration(max_timeout) if max_timeout else None
     except ConfigError as exc:
         fail(f"error: {exc.message}", 2)
-    if ssh_port is not None:
-        fail("error: the SSH gateway is not available in this version", 2)
     run_server(host=host, port=port, data_dir=data_dir, max_timeout=cap,
                resolve=list(resolve or []), upstream_ca=list(upstream_ca or []),
-               log_level=log_level)
+               ssh_port=ssh_port, preview_domain=preview_domain, log_level=log_level)

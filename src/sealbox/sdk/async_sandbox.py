@@ -189,6 +189,15 @@ class AsyncSandbox:
     async def logs(self) -> builtins.list[dict[str, Any]]:
         return await self._backend.logs(self.id)
 
+    async def expose(self, port: int, public: bool = False) -> dict[str, Any]:
+        """A preview URL for PORT inside the sandbox: {"url", "token", "public", ...}.
+        Private unless PUBLIC: send the token (X-Sealbox-Token) or your API key."""
+        return await self._backend.expose(self.id, port, public)
+
+    async def ssh_command(self) -> str:
+        """The `ssh` command line that opens a shell in this sandbox (needs a registered key)."""
+        return await self._backend.ssh_command(self.id)
+
     async def pause(self) -> SandboxInfo:
         self.info = await self._backend.pause(self.id)
         return self.info

@@ -11,8 +11,11 @@ from typing import Any
 from sealbox.engine.config import EngineConfig
 from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, ExecResult, SandboxInfo, SandboxSpec
+from sealbox.errors import ConfigError
 from sealbox.guest.client import ExecHandle, ExitStatus, FileInfo, Output
 
+_NEEDS_SERVER = ("preview URLs and SSH are served by `sealbox server`: "
+                 "set SEALBOX_URL (or pass url=)")
 # One engine per event loop: its subprocesses and timers belong to that loop.
 _ENGINES: dict[asyncio.AbstractEventLoop, Engine] = {}
 
@@ -130,6 +133,13 @@ class EmbeddedBackend:
 
     async def logs(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
         return (await self._engine()).logs(sandbox_id)
+
+    async def expose(self, sandbox_id: str, port: int, public: bool = False
+                     ) -> dict[str, Any]:
+        raise ConfigError(_NEEDS_SERVER)
+
+    async def ssh_command(self, sandbox_id: str) -> str:
+        raise ConfigError(_NEEDS_SERVER)
 
     async def close(self) -> None:
         """The shared engine outlives one sandbox; it is closed with the loop (see sync.py)."""

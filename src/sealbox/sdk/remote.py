@@ -8,14 +8,14 @@ import base64
 import json
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from sealbox.engine.spec import ExecRequest, ExecResult, SandboxInfo, SandboxSpec
-from sealbox.errors import AuthError, ServerError, from_code
+from sealbox.errors import AuthError, ConfigError, ServerError, from_code
 from sealbox.guest.client import FileInfo, Output
 
 
@@ -188,6 +188,18 @@ class RemoteBackend:
     async def logs(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
         data: builtins.list[dict[str, Any]] = await self._json("GET", self._sb(sandbox_id, "/logs"))
         return data
+
+    async def expose(self, sandbox_id: str, port: int, public: bool = False) -> dict[str, Any]:
+        data: dict[str, Any] = await self._json(
+            "POST", self._sb(sandbox_id, f"/ports/{port}/expose"), json={"public": public})
+        return data
+
+    async def ssh_command(self, sandbox_id: str) -> str:
+        info = await self._json("GET", "/v1/ssh")
+        if not info.get("enabled"):
+            raise ConfigError("this server has no SSH gateway: start it with --ssh-port")
+        host = urlsplit(self._url).hostname
+        return f"ssh -p {info['port']} {sandbox_id}@{host}"
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -141,6 +141,12 @@ class Sandbox:
     def logs(self) -> builtins.list[dict[str, Any]]:
         return portal().call(self._a.logs())
 
+    def expose(self, port: int, public: bool = False) -> dict[str, Any]:
+        return portal().call(self._a.expose(port, public))
+
+    def ssh_command(self) -> str:
+        return portal().call(self._a.ssh_command())
+
     def pause(self) -> SandboxInfo:
         return portal().call(self._a.pause())
 
