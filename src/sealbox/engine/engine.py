@@ -115,7 +115,7 @@ class Engine:
         """Clean up sandboxes whose owning process died (server crash, killed CLI)."""
         cleaned = []
         for info in self.store.orphans():
-            self._remove_leftovers(info.id)
+            self._remove_leftovers(info.id, info.runtime)
             info.state = SandboxState.killed
             info.ended_at = now()
             info.end_reason = "owner process died; cleaned up on restart"
@@ -123,7 +123,9 @@ class Engine:
             cleaned.append(info.id)
         return cleaned
 
-    def _remove_leftovers(self, sandbox_id: str) -> None:
+    def _remove_leftovers(self, sandbox_id: str, runtime: str | None = None) -> None:
+        if runtime in registry.names():
+            registry.get(runtime).remove_leftovers(sandbox_id)
         cg = Cgroup(sandbox_id)
         if cg.exists():
             cg.kill_all()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sealbox.guest.client import GuestClient
 
@@ -88,6 +88,26 @@ class Runtime(Protocol):
 
     async def start(self, spec: LaunchSpec) -> RunningSandbox: ...
 
-    def cleanup_orphans(self, live_ids: set[str]) -> list[str]:
-        """Remove leftovers (cgroups, processes) of sandboxes not in LIVE_IDS; return their ids."""
+    def remove_leftovers(self, sandbox_id: str) -> None:
+        """Remove what this tier may have left of a sandbox whose owner died (beyond the cgroup,
+        network namespace and run directory, which the engine removes)."""
         ...
+
+
+class Launchable(Protocol):
+    async def launch(self) -> None: ...
+
+    async def kill(self) -> None: ...
+
+
+L = TypeVar("L", bound=Launchable)
+
+
+async def launched(sandbox: L) -> L:
+    """SANDBOX launched, or killed (nothing left) if launching failed or was cancelled."""
+    try:
+        await sandbox.launch()
+    except BaseException:
+        await sandbox.kill()
+        raise
+    return sandbox

@@ -23,7 +23,7 @@ from sealbox._sys.spawn import enter_netns
 from sealbox.errors import RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
 from sealbox.runtimes import probe_cache, seccomp
-from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe
+from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, launched
 from sealbox.runtimes.namespace import (
     SANDBOX_UID,
     prepare_run_dir,
@@ -101,22 +101,12 @@ class GvisorRuntime:
         probe = self.probe()
         if not probe.ok:
             raise RuntimeUnavailable(f"gvisor tier unavailable: {probe.detail}")
-        sb = GvisorSandbox(spec)
-        try:
-            await sb.launch()
-        except BaseException:
-            await sb.kill()
-            raise
-        return sb
+        return await launched(GvisorSandbox(spec))
 
-    def cleanup_orphans(self, live_ids: set[str]) -> list[str]:
-        r = subprocess.run(["runsc", "--root", str(RUNSC_ROOT), "list", "-q"],
-                           capture_output=True, text=True)
-        gone = [cid for cid in r.stdout.split() if cid not in live_ids]
-        for cid in gone:
-            subprocess.run(["runsc", "--root", str(RUNSC_ROOT), "delete", "--force", cid],
-                           capture_output=True)
-        return gone
+    def remove_leftovers(self, sandbox_id: str) -> None:
+        # runsc keeps container state under its root until `delete`.
+        subprocess.run(["runsc", "--root", str(RUNSC_ROOT), "delete", "--force", sandbox_id],
+                       capture_output=True, check=False)
 
 
 def oci_spec(spec: LaunchSpec) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from sealbox._sys.cgroups import Cgroup
 from sealbox.errors import ConfigError, RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
 from sealbox.runtimes import probe_cache
-from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe
+from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe, launched
 from sealbox.runtimes.microvm_image import Assets, sandbox_archive
 from sealbox.runtimes.namespace import (
     GUEST_FILES,
@@ -270,24 +270,11 @@ class MicrovmRuntime:
         if spec.workspace is not None:
             raise ConfigError("the microvm tier cannot mount a host workspace directory yet; "
                               "use --runtime namespace or gvisor for --workspace")
-        sb = MicrovmSandbox(spec, assets, accel)
-        try:
-            await sb.launch()
-        except BaseException:
-            await sb.kill()
-            raise
-        return sb
+        return await launched(MicrovmSandbox(spec, assets, accel))
 
-    def cleanup_orphans(self, live_ids: set[str]) -> list[str]:
-        from sealbox._sys import cgroups
-
-        # The VMM is the only process in a microVM sandbox's cgroup: emptying it ends the VM.
-        gone = [n for n in cgroups.list_names() if n not in live_ids]
-        for name in gone:
-            cg = Cgroup(name)
-            cg.kill_all()
-            cg.remove()
-        return gone
+    def remove_leftovers(self, sandbox_id: str) -> None:
+        """The VMM is the only process in the sandbox's cgroup and its tap lives in the
+        sandbox's network namespace: the engine's cleanup of both covers it."""
 
 
 class MicrovmSandbox:

@@ -20,7 +20,7 @@ from sealbox._sys.cgroups import Cgroup
 from sealbox._sys.spawn import enter_sandbox
 from sealbox.errors import RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
-from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe
+from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, launched
 from sealbox.runtimes.seccomp import bpf_program
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
@@ -108,23 +108,10 @@ class NamespaceRuntime:
         probe = self.probe()
         if not probe.ok:
             raise RuntimeUnavailable(f"namespace tier unavailable: {probe.detail}")
-        sb = NamespaceSandbox(spec)
-        try:
-            await sb.launch()
-        except BaseException:
-            await sb.kill()
-            raise
-        return sb
+        return await launched(NamespaceSandbox(spec))
 
-    def cleanup_orphans(self, live_ids: set[str]) -> list[str]:
-        from sealbox._sys import cgroups
-
-        gone = [n for n in cgroups.list_names() if n not in live_ids]
-        for name in gone:
-            cg = Cgroup(name)
-            cg.kill_all()
-            cg.remove()
-        return gone
+    def remove_leftovers(self, sandbox_id: str) -> None:
+        """Nothing beyond the cgroup and run directory, which the engine removes."""
 
 
 class NamespaceSandbox:

@@ -23,6 +23,11 @@ def probes() -> dict[str, Probe]:
     return {name: rt.probe() for name, rt in _RUNTIMES.items()}
 
 
+def get(name: str) -> Runtime:
+    """The tier registered as NAME, whether or not it works here."""
+    return _RUNTIMES[name]
+
+
 def lookup(name: str) -> Runtime:
     """The tier NAME, or for "auto" the strongest that works here fully and fast (see
     `Probe.auto_skip`).
