@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import netfixtures as nf
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
 from conftest import RUN_ROOT
 from support import upstream
 from support.upstream import EchoServer
@@ -160,7 +161,7 @@ async def make(world: World) -> AsyncIterator[Any]:
     made: list[str] = []
 
     async def create(tier: str, **spec: Any) -> Box:
-        info = await world.engine.create(SandboxSpec(runtime=tier, **spec))
+        info = await world.engine.create(SandboxSpec(runtime=tier, **spec))  # type: ignore[arg-type]
         assert info.runtime == tier
         made.append(info.id)
         return Box(world.engine, info.id)
@@ -174,7 +175,7 @@ async def make(world: World) -> AsyncIterator[Any]:
 
 def secret_spec() -> dict[str, Any]:
     return {"allow_net": [API, OTHER],
-            "secrets": {"KEY": SecretSpec(value=REAL, hosts=[API])}}
+            "secrets": {"KEY": SecretSpec(value=SecretStr(REAL), hosts=[API])}}
 
 
 # ----- invariant 5: nothing survives ---------------------------------------------------------
