@@ -102,6 +102,9 @@ def test_remote_lifecycle(server_env: dict[str, str], tmp_path: Path) -> None:
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert any(e["kind"] == "dns_blocked" and "blocked.example.test" in json.dumps(e)
                for e in events), events
+    r = sealbox("policy", "suggest", "--json", sid, env=server_env)
+    suggestion = json.loads(r.stdout)
+    assert suggestion["allow_net"] == [] and list(suggestion["blocked"]) == ["blocked.example.test"]
     r = sealbox("logs", sid, env=server_env)
     assert any(json.loads(line)["kind"] == "exec" for line in r.stdout.splitlines())
     shell = subprocess.run([SEALBOX, "shell", sid], input="echo shell-$((6*7)); exit 3\n",

@@ -170,3 +170,21 @@ async def test_pins_win_even_on_loopback_and_rebinding_is_refused() -> None:
     with pytest.raises(ResolveError) as info:
         await resolver.resolve("localhost", 80, policy)
     assert info.value.blocked
+
+
+def test_policy_suggestion_from_audit_events() -> None:
+    from sealbox.egress.suggest import suggest
+
+    events = [
+        {"kind": "allowed", "host": "api.openai.com", "port": 443},
+        {"kind": "allowed", "host": "api.openai.com", "port": 443},
+        {"kind": "allowed", "host": "pypi.org", "port": 8443},
+        {"kind": "dns_blocked", "host": "evil.example"},
+        {"kind": "secret_exfil_blocked", "host": "paste.example", "port": 443},
+        {"kind": "blocked", "host": "paste.example", "port": 443},
+        {"kind": "dns_query", "host": "api.openai.com"},
+        {"kind": "policy_changed", "allow_net": ["x"]},
+    ]
+    s = suggest(events)
+    assert s.allow_net == ["api.openai.com", "pypi.org:8443"]
+    assert s.blocked == {"evil.example": 1, "paste.example": 2}

@@ -7,6 +7,7 @@ import typer
 from sealbox.cli.doctor import doctor
 from sealbox.cli.exec import exec_, shell
 from sealbox.cli.files import cp
+from sealbox.cli.policy import policy_app
 from sealbox.cli.reach import code, expose, ssh_key_app
 from sealbox.cli.run import run
 from sealbox.cli.sandboxes import create, egress, kill, logs, ls
@@ -31,6 +32,7 @@ app.command()(egress)
 app.command()(expose)
 app.command()(code)
 app.add_typer(ssh_key_app, name="ssh-key")
+app.add_typer(policy_app, name="policy")
 
 
 def main() -> None:

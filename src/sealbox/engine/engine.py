@@ -76,6 +76,32 @@ def describe_limit(limit: str, info: SandboxInfo) -> str:
     return f"{limit} limit reached"
 
 
+OUTPUT_CAP = 16 * 1024 * 1024
+"""Bytes of each stream kept for a command's result; streaming callers still get everything."""
+
+
+class _Capped:
+    """The first OUTPUT_CAP bytes of a stream: a command printing gigabytes cannot exhaust the
+    engine's memory."""
+
+    def __init__(self) -> None:
+        self._parts: builtins.list[bytes] = []
+        self._size = 0
+        self.truncated = False
+
+    def add(self, data: bytes) -> None:
+        room = OUTPUT_CAP - self._size
+        if len(data) > room:
+            self.truncated = True
+            data = data[:room]
+        if data:
+            self._parts.append(data)
+            self._size += len(data)
+
+    def text(self) -> str:
+        return b"".join(self._parts).decode(errors="replace")
+
+
 async def _drain(handle: ExecHandle) -> None:
     with contextlib.suppress(SandboxGone):
         await handle.wait()
@@ -325,15 +351,14 @@ class Engine:
         live = self._running(sandbox_id, owner)
         before = live.runtime.limit_events()
         handle = await self.exec(sandbox_id, req, owner)
-        out: builtins.list[bytes] = []
-        err: builtins.list[bytes] = []
+        out, err = _Capped(), _Capped()
         try:
             async for item in handle:
                 if isinstance(item, Output):
-                    (err if item.stream == "stderr" else out).append(item.data)
+                    (err if item.stream == "stderr" else out).add(item.data)
                     yield item
                 else:
-                    yield self._result(live, before, item, b"".join(out), b"".join(err))
+                    yield self._result(live, before, item, out, err)
         except SandboxGone:
             # The sandbox ended under the command: say why, once teardown has recorded it.
             try:
@@ -361,15 +386,15 @@ class Engine:
         return result
 
     def _result(self, live: _Live, before: dict[str, int], status: ExitStatus,
-                stdout: bytes, stderr: bytes) -> ExecResult:
+                stdout: _Capped, stderr: _Capped) -> ExecResult:
         after = live.runtime.limit_events()
         limit = next((k for k, v in after.items() if v > before.get(k, 0)), None)
         killed = status.signal is not None or status.exit_code > 128
         if limit == "memory" and not killed:
             limit = None  # an OOM kill elsewhere in the sandbox did not end this command
         return ExecResult(
-            exit_code=status.exit_code, pid=None, stdout=stdout.decode(errors="replace"),
-            stderr=stderr.decode(errors="replace"), signal=status.signal,
+            exit_code=status.exit_code, pid=None, stdout=stdout.text(), stderr=stderr.text(),
+            truncated=stdout.truncated or stderr.truncated, signal=status.signal,
             timed_out=status.timed_out,
             limit=describe_limit(limit, live.info) if limit else None,
         )

@@ -134,6 +134,8 @@ class ExecResult(BaseModel):
     pid: int | None = Field(default=None, description="the command's pid inside the sandbox")
     stdout: str
     stderr: str
+    truncated: bool = Field(default=False, description="output beyond 16 MiB per stream was "
+                            "dropped from this result (use streaming exec for all of it)")
     signal: int | None = None
     timed_out: bool = False
     limit: str | None = Field(default=None, description="the sandbox limit that killed the command")
