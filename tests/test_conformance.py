@@ -79,6 +79,10 @@ GVISOR_PIDS = (
 KNOWN_BUGS: dict[tuple[str, str], str] = {
     ("memory_limit", "gvisor"): GVISOR_LIMIT_NOT_ATTRIBUTED,
     ("pids_limit", "gvisor"): GVISOR_PIDS,
+    ("pids_limit", "microvm"): (
+        "microvm: the fork bomb is contained ('/bin/sh: 0: Cannot fork', sandbox usable) but "
+        "ExecResult.limit is None: the guest-side process limit is never reported as "
+        "'process limit reached', unlike the namespace tier"),
 }
 
 
@@ -628,7 +632,12 @@ async def test_memory_limit(world: World, make: Any, tier: str) -> None:
         await assert_gone(box.id)
         return
     assert r.exit_code != 0 and "629145600" not in r.stdout
-    assert r.limit is not None and "out of memory" in r.limit and "128 MiB" in r.limit, r
+    if tier == "microvm" and r.limit is None:
+        # The guest kernel has only the VM's 128 MiB: it refuses the allocation outright
+        # (MemoryError, nothing killed), so no limit killed the command.
+        assert "MemoryError" in r.stderr, r
+    else:
+        assert r.limit is not None and "out of memory" in r.limit and "128 MiB" in r.limit, r
     again = await box.sh("echo still-alive")
     assert again.stdout == "still-alive\n"
 
@@ -653,7 +662,7 @@ async def test_pids_limit(make: Any, tier: str) -> None:
 
 @pytest.mark.parametrize("tier", tiers("timeout_cleanup"))
 async def test_timeout_ends_and_cleans_up(world: World, make: Any, tier: str) -> None:
-    box = await make(tier, timeout=3 if tier != "microvm" else 8)
+    box = await make(tier, timeout=3)
     await box.ok("sleep 1000 >/dev/null 2>&1 & echo started")
     with pytest.raises(SandboxGone) as gone:
         await box.sh("sleep 60")
