@@ -67,17 +67,12 @@ TIER_DIFFERENCES = {
 
 
 # Product bugs this suite found: strict xfails, so a fix turns them into failures to remove.
-GVISOR_LIMIT_NOT_ATTRIBUTED = (
-    "gVisor: when a limit ends the whole sandbox, runsc removes its cgroup on exit before "
-    "GvisorSandbox.wait() reads limit_events(), so the OOM/pids counters read 0 and the "
-    "sandbox ends as 'stopped' with 'sandbox init exited with code 137' (OOM) / 'code 2' "
-    "(pids) instead of naming the limit")
 GVISOR_PIDS = (
-    GVISOR_LIMIT_NOT_ATTRIBUTED + "; also pids.max counts runsc's own Sentry/gofer threads "
-    "and ptrace stubs: pids=40 cannot even start ('failed to setupFS ... /etc/group ... "
-    "input/output error'), pids=64 fails with 'containerManager.StartRoot failed: EOF'")
+    "gVisor (ptrace platform): the host pids cgroup counts runsc's Go threads and one stub "
+    "process per guest address space, so the limit is applied with headroom for runsc; a fork "
+    "bomb then exhausts it and runsc exits with code 2 before the pids.events counter is "
+    "sampled, so the end reason does not name the process limit (the bomb is contained)")
 KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("memory_limit", "gvisor"): GVISOR_LIMIT_NOT_ATTRIBUTED,
     ("pids_limit", "gvisor"): GVISOR_PIDS,
     ("pids_limit", "microvm"): (
         "microvm: the fork bomb is contained ('/bin/sh: 0: Cannot fork', sandbox usable) but "

@@ -31,6 +31,8 @@ from sealbox.runtimes.namespace import (
 )
 
 RUNSC_ROOT = Path("/run/sealbox/runsc")
+RUNSC_THREADS = 256
+SAMPLE_SECONDS = 0.2
 PLATFORMS = ("systrap", "kvm", "ptrace")
 """Fastest first; the first that runs a probe container wins."""
 _SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt")
@@ -141,7 +143,9 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
     if lim.cpus:
         resources["cpu"] = {"quota": int(lim.cpus * 100_000), "period": 100_000}
     if lim.pids:
-        resources["pids"] = {"limit": lim.pids}
+        # The cgroup also holds runsc's Sentry and gofer threads: without headroom a small
+        # limit stops the sandbox from starting at all.
+        resources["pids"] = {"limit": lim.pids + RUNSC_THREADS}
     env = sandbox_env(spec)
     return {
         "ociVersion": "1.0.2",
@@ -184,6 +188,8 @@ class GvisorSandbox:
         self.proc: asyncio.subprocess.Process | None = None
         self._killed = False
         self._platform = platform()
+        self._seen: dict[str, int] = {}
+        self._peak = 0
 
     def _prepare(self) -> None:
         prepare_run_dir(self.spec)
@@ -231,16 +237,32 @@ class GvisorSandbox:
         return client
 
     def limit_events(self) -> dict[str, int]:
-        # runsc puts the sandbox in the cgroup named by cgroupsPath.
+        # runsc puts the sandbox in the cgroup named by cgroupsPath and removes that cgroup
+        # when the sandbox exits, so counters are remembered at their highest.
         cg = Cgroup(self.sandbox_id)
-        return {"memory": cg.oom_kills(), "pids": cg.pids_max_hits()}
+        now = {"memory": cg.oom_kills(), "pids": cg.pids_max_hits()}
+        self._seen = {k: max(v, self._seen.get(k, 0)) for k, v in now.items()}
+        self._peak = max(self._peak, cg.memory_peak())
+        return dict(self._seen)
+
+    async def _sample(self) -> None:
+        while self.proc is not None and self.proc.returncode is None:
+            self.limit_events()
+            await asyncio.sleep(SAMPLE_SECONDS)
 
     async def wait(self) -> ExitInfo:
         if self.proc is None:
             raise SandboxError("sandbox was never started")
-        code = await self.proc.wait()
+        sampler = asyncio.ensure_future(self._sample())
+        try:
+            code = await self.proc.wait()
+        finally:
+            sampler.cancel()
         events = self.limit_events()
         limit = next((k for k, v in events.items() if v > 0), None)
+        mem = self.spec.limits.memory_bytes
+        if limit is None and code in (137, -9) and mem and self._peak >= 0.9 * mem:
+            limit = "memory"  # killed at its limit between two samples of the counter
         return ExitInfo(code=code, limit=limit, detail=self._log())
 
     async def kill(self) -> None:
