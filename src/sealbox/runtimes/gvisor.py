@@ -189,7 +189,6 @@ class GvisorSandbox:
         self._killed = False
         self._platform = platform()
         self._seen: dict[str, int] = {}
-        self._peak = 0
 
     def _prepare(self) -> None:
         prepare_run_dir(self.spec)
@@ -242,7 +241,6 @@ class GvisorSandbox:
         cg = Cgroup(self.sandbox_id)
         now = {"memory": cg.oom_kills(), "pids": cg.pids_max_hits()}
         self._seen = {k: max(v, self._seen.get(k, 0)) for k, v in now.items()}
-        self._peak = max(self._peak, cg.memory_peak())
         return dict(self._seen)
 
     async def _sample(self) -> None:
@@ -260,9 +258,11 @@ class GvisorSandbox:
             sampler.cancel()
         events = self.limit_events()
         limit = next((k for k, v in events.items() if v > 0), None)
-        mem = self.spec.limits.memory_bytes
-        if limit is None and code in (137, -9) and mem and self._peak >= 0.9 * mem:
-            limit = "memory"  # killed at its limit between two samples of the counter
+        oom_suspect = code in (137, -9) and self.spec.limits.memory_bytes is not None
+        if limit is None and oom_suspect and not self._killed:
+            # runsc SIGKILLed from outside while we did not kill it: the cgroup's OOM killer,
+            # between two samples of its counter.
+            limit = "memory"
         return ExitInfo(code=code, limit=limit, detail=self._log())
 
     async def kill(self) -> None:
