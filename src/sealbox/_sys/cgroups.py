@@ -105,11 +105,6 @@ class Cgroup:
     def pids_max_hits(self) -> int:
         return _counter(_read(self._dir("pids") / "pids.events"), "max")
 
-    def memory_peak(self) -> int:
-        name = "memory.peak" if is_v2() else "memory.max_usage_in_bytes"
-        text = _read(self._dir("memory") / name).strip()
-        return int(text) if text.isdigit() else 0
-
     def freeze(self, frozen: bool) -> None:
         if is_v2():
             _write(self._dir("") / "cgroup.freeze", "1" if frozen else "0")
