@@ -152,7 +152,7 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
         "process": {
             "terminal": False,
             "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID},
-            "args": ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--stdio"],
+            "args": ["/usr/bin/python3", "-I", "-S", "/.sealbox/agent.py", "--stdio"],
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/workspace",
             "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [],

@@ -170,7 +170,8 @@ class NamespaceSandbox:
         for k, v in sandbox_env(spec).items():
             args += ["--setenv", k, v]
         args += ["--remount-ro", "/", "--chdir", "/workspace", "--seccomp", str(seccomp_fd)]
-        return args + ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--listen-fd", str(listen_fd)]
+        return args + ["/usr/bin/python3", "-I", "-S", "/.sealbox/agent.py", "--listen-fd",
+                       str(listen_fd)]
 
     async def launch(self) -> None:
         spec = self.spec
