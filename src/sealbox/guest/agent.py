@@ -233,18 +233,22 @@ class Agent:
         finally:
             transport.close()
 
-    async def serve_serial(self, path: str) -> None:
-        """One host at a time; reopen the port whenever the host side goes away."""
+    async def serve_serial(self, path: str, fd: int | None = None) -> None:
+        """One host at a time; reopen the port whenever the host side goes away. FD is the
+        port already open (a restored microVM's identity step: closing a virtio port drops
+        what the host has sent meanwhile)."""
         while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-            except OSError as exc:
-                log(f"cannot open {path}: {exc}")
-                await asyncio.sleep(0.5)
-                continue
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+                except OSError as exc:
+                    log(f"cannot open {path}: {exc}")
+                    await asyncio.sleep(0.5)
+                    continue
             if os.isatty(fd):
                 tty.setraw(fd, termios.TCSANOW)  # TCSAFLUSH would drop what the host sent
             await self.serve_fds(fd, os.dup(fd))
+            fd = None
             await asyncio.sleep(0.1)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import shlex
@@ -35,9 +36,10 @@ from sealbox._sys import tap
 from sealbox._sys.cgroups import Cgroup
 from sealbox.errors import ConfigError, RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
-from sealbox.runtimes import probe_cache
+from sealbox.runtimes import microvm_snapshot, probe_cache
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe, launched
 from sealbox.runtimes.microvm_image import Assets, sandbox_archive
+from sealbox.runtimes.microvm_snapshot import NULL_NETDEV, Template
 from sealbox.runtimes.namespace import (
     GUEST_FILES,
     HOST_UID_BASE,
@@ -58,6 +60,12 @@ BOOT_TIMEOUT = 90.0
 CONSOLE_LOG_CAP = 1 << 20
 _PORT = "/dev/virtio-ports/sealbox"
 _SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# VM sizes (memory, vCPUs) restored from a template snapshot; others boot cold.
+SNAPSHOT_SIZES = frozenset({(DEFAULT_MEMORY, 1)})
+# Restored guests keep the template's MAC (it is in the saved device state); each sandbox's
+# network is a layer-2 segment of its own, so sharing it is harmless.
+TEMPLATE_MAC = "02:5b:00:00:00:01"
+log = logging.getLogger("sealbox.microvm")
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,8 @@ def _accel(name: str) -> Accel:
 
 
 def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: int, vcpus: int,
-              tap_fd: int | None = None) -> list[str]:
+              netdev: str | None = None, mac: str | None = None) -> list[str]:
+    """NETDEV is the network card's ``-netdev`` backend (none: no card)."""
     args = [
         QEMU, "-M", "microvm,rtc=on,pit=on", *accel.args, "-m", f"{memory >> 20}M",
         "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -117,34 +126,51 @@ def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: in
         "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=sealbox",
     ]
-    if tap_fd is not None:
-        mac = "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
-        args += ["-netdev", f"tap,id=net0,fd={tap_fd}",
-                 "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
+    if netdev is not None:
+        mac = mac or "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
+        args += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
     return args
 
 
-def guest_files(spec: LaunchSpec, net: tap.GuestNet | None) -> dict[str, bytes]:
-    """The per-sandbox archive: start-up settings, agent, /etc entries, read-only files."""
+@dataclass(frozen=True)
+class Identity:
+    """What makes a guest this sandbox, whether it boots cold or is restored."""
+
+    settings: dict[str, str]
+    """/init's SBX_* values."""
+    env: dict[str, str]
+    files: dict[str, bytes]
+    """Guest path (relative to /) -> content: /etc entries and read-only files."""
+
+
+def identity(spec: LaunchSpec, net: tap.GuestNet | None) -> Identity:
     limits = spec.limits
-    disk = str(limits.disk_bytes) if limits.disk_bytes else "50%"
-    argv = [f"{k}={v}" for k, v in sandbox_env(spec).items()]
-    argv += ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--serial", _PORT]
     settings = {
-        "SBX_HOSTNAME": spec.hostname, "SBX_DISK": disk,
+        "SBX_HOSTNAME": spec.hostname,
+        "SBX_DISK": str(limits.disk_bytes) if limits.disk_bytes else "50%",
         "SBX_ADDRESS": net.address if net else "", "SBX_GATEWAY": net.gateway if net else "",
         "SBX_NPROC": str(limits.pids or ""),
     }
-    config = "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items())
+    files = {f"etc/{name}": (spec.run_dir / "etc" / name).read_bytes()
+             for name in ("passwd", "group", "hostname", "hosts")}
+    for inside, host in spec.ro_files.items():
+        files[inside.lstrip("/")] = host.read_bytes()
+    return Identity(settings, sandbox_env(spec), files)
+
+
+def guest_files(spec: LaunchSpec, net: tap.GuestNet | None) -> dict[str, bytes]:
+    """The per-sandbox archive of a cold boot: start-up settings, agent, identity files."""
+    ident = identity(spec, net)
+    argv = [f"{k}={v}" for k, v in ident.env.items()]
+    argv += ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--serial", _PORT]
+    config = "".join(f"{k}={shlex.quote(v)}\n" for k, v in ident.settings.items())
     config += f"set -- {shlex.join(argv)}\n"
     files = {".init/sandbox/config.sh": config.encode()}
     prefix = ".init/sandbox/files"
     for name in GUEST_FILES:
         files[f"{prefix}/.sealbox/{name}"] = (spec.run_dir / "guest" / name).read_bytes()
-    for name in ("passwd", "group", "hostname", "hosts"):
-        files[f"{prefix}/etc/{name}"] = (spec.run_dir / "etc" / name).read_bytes()
-    for inside, host in spec.ro_files.items():
-        files[f"{prefix}/{inside.lstrip('/')}"] = host.read_bytes()
+    for name, data in ident.files.items():
+        files[f"{prefix}/{name}"] = data
     return files
 
 
@@ -153,6 +179,43 @@ def _write_initrd(target: Path, assets: Assets, files: dict[str, bytes]) -> None
         out.write(sandbox_archive(files))
         with open(assets.initrd, "rb") as base:
             shutil.copyfileobj(base, out)
+
+
+# ----- snapshot templates ----------------------------------------------------------------------
+_template_failures: dict[str, str] = {}
+
+
+def template_for(assets: Assets, accel: Accel, memory: int, vcpus: int
+                 ) -> tuple[Template | None, str]:
+    """The template a VM of this size is restored from (built on first use), or None and why
+    it boots cold."""
+    if not microvm_snapshot.enabled():
+        return None, f"{microvm_snapshot.SNAPSHOT_ENV}=0"
+    if (memory, vcpus) not in SNAPSHOT_SIZES:
+        sizes = ", ".join(f"{m >> 20} MiB/{c} vCPU" for m, c in sorted(SNAPSHOT_SIZES))
+        return None, f"no snapshot for {memory >> 20} MiB/{vcpus} vCPU (only {sizes})"
+
+    def build_args(initrd: Path, sock: Path) -> list[str]:
+        return qemu_args(assets, accel, initrd, sock, memory, vcpus, NULL_NETDEV, TEMPLATE_MAC)
+
+    qemu = shutil.which(QEMU)
+    assert qemu is not None  # the probe found it
+    key = microvm_snapshot.template_key(build_args(Path("initrd"), Path("sock")),
+                                        [assets.kernel, assets.initrd, assets.usr_image,
+                                         Path(qemu)])
+    if key in _template_failures:
+        return None, _template_failures[key]
+    found = Template.find(key)
+    if found is not None:
+        return found, ""
+    initrd = sandbox_archive(microvm_snapshot.template_files()) + assets.initrd.read_bytes()
+    try:
+        return microvm_snapshot.ensure(key, initrd, build_args, HOST_UID_BASE, accel.groups), ""
+    except SandboxError as exc:
+        # Remembered: a failing build costs a boot, and cold boots still work.
+        log.warning("%s", exc)
+        _template_failures[key] = str(exc)
+        return None, str(exc)
 
 
 # ----- probe -----------------------------------------------------------------------------------
@@ -260,7 +323,14 @@ class MicrovmRuntime:
     strength = 30
 
     def probe(self) -> Probe:
-        return _probe()[0]
+        probe = _probe()[0]
+        if not probe.ok:
+            return probe
+        start = ("snapshot restore for " + ", ".join(
+            f"{m >> 20} MiB/{c} vCPU" for m, c in sorted(SNAPSHOT_SIZES)) + ", cold boot otherwise"
+            if microvm_snapshot.enabled() else
+            f"cold boot ({microvm_snapshot.SNAPSHOT_ENV}=0)")
+        return Probe(probe.ok, f"{probe.detail}; start: {start}", probe.auto_skip)
 
     async def start(self, spec: LaunchSpec) -> MicrovmSandbox:
         probe, accel = await asyncio.get_running_loop().run_in_executor(None, _probe)
@@ -291,6 +361,11 @@ class MicrovmSandbox:
         self._console_task: asyncio.Task[None] | None = None
         self._tap = False
         self._tap_fd: int | None = None
+        self._state_fd: int | None = None
+        self._identity: Identity | None = None
+        """Set when restored from a template: sent to the guest on connect."""
+        self.boot = ""
+        """``restored from template KEY`` or ``cold boot (why)``: how this VM started."""
         self._killed = False
 
     @property
@@ -307,18 +382,29 @@ class MicrovmSandbox:
         prepare_run_dir(spec)
         self._private.mkdir(mode=0o700, exist_ok=True)
         os.chown(self._private, self._uid, self._uid)
+        lim = spec.limits
+        vcpus = max(1, math.ceil(lim.cpus or 1))
+        template, why_cold = template_for(self.assets, self.accel, self.memory, vcpus)
         net = tap.guest_net(spec.netns)
         if net is not None:
             self._tap = True
             tap.bridge_tap(spec.netns)
             self._tap_fd = tap.open_tap(spec.netns)
+        netdev = None if self._tap_fd is None else f"tap,id=net0,fd={self._tap_fd}"
+        self.cgroup.create(lim.cpus, self.memory + VMM_OVERHEAD, VMM_PIDS)
+        if template is not None:
+            self.boot = f"restored from template {template.dir.name}"
+            self._identity = identity(spec, net)
+            # Root opens the saved state; QEMU (unprivileged) only reads the descriptor.
+            self._state_fd = os.open(template.state, os.O_RDONLY | os.O_CLOEXEC)
+            return qemu_args(self.assets, self.accel, template.initrd, self.socket_path,
+                             self.memory, vcpus, netdev or NULL_NETDEV, TEMPLATE_MAC
+                             ) + ["-incoming", f"fd:{self._state_fd}"]
+        self.boot = f"cold boot ({why_cold})"
         initrd = self._private / "initrd.img"
         _write_initrd(initrd, self.assets, guest_files(spec, net))
-        lim = spec.limits
-        self.cgroup.create(lim.cpus, self.memory + VMM_OVERHEAD, VMM_PIDS)
-        vcpus = max(1, math.ceil(lim.cpus or 1))
         return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
-                         self._tap_fd)
+                         netdev)
 
     async def launch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -327,12 +413,12 @@ class MicrovmSandbox:
             *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             preexec_fn=tap.enter_vmm(self.spec.netns, self.cgroup, self._uid,
                                      list(self.accel.groups)),
-            start_new_session=True, pass_fds=() if self._tap_fd is None else (self._tap_fd,),
+            start_new_session=True,
+            pass_fds=[fd for fd in (self._tap_fd, self._state_fd) if fd is not None],
         )
-        if self._tap_fd is not None:
-            # QEMU holds it now; ours would keep the tap's queue open after QEMU dies.
-            os.close(self._tap_fd)
-            self._tap_fd = None
+        log.info("microVM %s: %s", self.sandbox_id, self.boot)
+        # QEMU holds them now; our tap fd would keep the tap's queue open after QEMU dies.
+        self._close_fds()
         assert self.proc.stdout is not None
         self._console_task = asyncio.ensure_future(self._read_console(self.proc.stdout))
 
@@ -340,12 +426,14 @@ class MicrovmSandbox:
         """Keep the guest console (and QEMU's errors): the tail in memory, the head on disk,
         both capped so a guest flooding its console costs the host nothing."""
         written = 0
-        with (self._private / "console.log").open("wb") as log:
+        with (self._private / "console.log").open("wb") as out:
+            out.write(f"sealbox: {self.boot}\n".encode())
+            out.flush()
             while chunk := await stream.read(65536):
                 self._console = (self._console + chunk)[-65536:]
                 if written < CONSOLE_LOG_CAP:
-                    log.write(chunk[:CONSOLE_LOG_CAP - written])
-                    log.flush()
+                    out.write(chunk[:CONSOLE_LOG_CAP - written])
+                    out.flush()
                     written += len(chunk)
 
     def console(self) -> str:
@@ -374,6 +462,10 @@ class MicrovmSandbox:
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 await asyncio.sleep(0.05)
+        if self._identity is not None:
+            ident = self._identity
+            await microvm_snapshot.hand_identity(reader, writer, microvm_snapshot.identity_message(
+                ident.settings, ident.env, ident.files))
         client = await GuestClient.from_streams(reader, writer)
         await client.ping()
         return client
@@ -411,10 +503,14 @@ class MicrovmSandbox:
             await self._console_task
         await loop.run_in_executor(None, self._teardown)
 
+    def _close_fds(self) -> None:
+        for fd in (self._tap_fd, self._state_fd):
+            if fd is not None:
+                os.close(fd)
+        self._tap_fd = self._state_fd = None
+
     def _teardown(self) -> None:
-        if self._tap_fd is not None:
-            os.close(self._tap_fd)
-            self._tap_fd = None
+        self._close_fds()
         self.cgroup.remove()
         if self._tap:
             tap.remove_tap(self.spec.netns)
