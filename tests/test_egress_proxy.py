@@ -209,7 +209,14 @@ SECRETS = {"API_KEY": SecretSpec(value=VALUE, hosts=["api.test"])}
 @pytest.fixture
 async def setup(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     secrets, allow = getattr(request, "param", (SECRETS, ["api.test", "other.test"]))
-    upstream = Upstream()
+    async with sandbox_gateway(tmp_path, Upstream(), secrets, allow) as s:
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def sandbox_gateway(tmp_path: Path, upstream: Upstream, secrets: dict[str, SecretSpec],
+                          allow: list[str]) -> AsyncIterator[Setup]:
+    """One sandbox's proxy on loopback (its files under TMP_PATH) in front of UPSTREAM."""
     test_ca = CertificateAuthority(tmp_path / "upstream-ca")
     plain = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
     tls = await asyncio.start_server(upstream.serve, "127.0.0.1", 0,

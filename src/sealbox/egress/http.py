@@ -33,6 +33,8 @@ DRAIN_TIMEOUT = 2.0
 # Never forwarded upstream: proxy-only headers, and Expect (the gateway answers 100 itself).
 _DROP_REQUEST = {b"proxy-connection", b"proxy-authorization", b"expect", b"keep-alive"}
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection"}
+# What ends one client connection (or one h2 stream): peers misbehaving or going away.
+CONNECTION_ERRORS = (OSError, ssl.SSLError, h11.ProtocolError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,9 @@ class HttpSession:
                 body = await self._read_body(rewriter)
                 if length is not None:
                     headers.append((b"content-length", str(len(body)).encode()))
+            elif length is not None:
+                # Streamed unchanged (a placeholder is refused, never swapped): same length.
+                headers.append((b"content-length", str(length).encode()))
         except SecretBlocked as b:
             raise _secret_refusal(b) from None
         up = await self._connect(dest)

@@ -18,15 +18,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import ssl
 import struct
 from dataclasses import replace
 
-import h11
 
 from sealbox.egress.context import SandboxContext
 from sealbox.egress.dns import answer
-from sealbox.egress.http import Destination, HttpSession, Refusal
+from sealbox.egress.http import CONNECTION_ERRORS, Destination, HttpSession, Refusal
+from sealbox.egress.http2 import H2Session
 from sealbox.egress.policy import IPAddress
 from sealbox.egress.streams import Stream, TcpStream, TlsStream
 from sealbox.egress.tls import NotTls, is_tls_start, parse_client_hello
@@ -61,7 +60,7 @@ async def handle_connection(client: Stream, orig_dst: tuple[IPAddress, int],
         else:
             name = ctx.names.name_for(ip)
             await serve_destination(client, Destination(name, None if name else ip, port), ctx)
-    except (OSError, ssl.SSLError, h11.ProtocolError, TimeoutError, NotTls) as exc:
+    except (*CONNECTION_ERRORS, NotTls) as exc:
         ctx.audit.record("connection_error", host=str(ip), port=port,
                          reason=type(exc).__name__)
     finally:
@@ -97,7 +96,8 @@ async def serve_destination(client: Stream, dest: Destination, ctx: SandboxConte
     # Show the certificate the client asked for, so it reads the 403 instead of a TLS error.
     tls = await TlsStream.accept(client, ctx.ca.server_context(hello.sni or dest.host))
     dest = replace(dest, tls=True, sni=hello.sni)
-    await HttpSession(tls, ctx, dest, refusal=refusal).run()
+    session = H2Session if tls.alpn == "h2" else HttpSession
+    await session(tls, ctx, dest, refusal=refusal).run()
 
 
 async def serve_dns_tcp(client: Stream, ctx: SandboxContext) -> None:

@@ -83,6 +83,11 @@ class TlsStream(Stream):
         await stream._io(stream._obj.do_handshake)
         return stream
 
+    @property
+    def alpn(self) -> str | None:
+        """The application protocol the client and the gateway agreed on, if any."""
+        return self._obj.selected_alpn_protocol()
+
     async def _flush(self) -> None:
         data = self._out.read()
         if data:

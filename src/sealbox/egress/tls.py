@@ -23,7 +23,10 @@ from sealbox.errors import EgressError
 SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 CA_VALIDITY = dt.timedelta(days=3650)
 LEAF_VALIDITY = dt.timedelta(days=30)
-ALPN = ["http/1.1"]  # h2 towards the sandbox is a follow-up; h11 parses both sides today.
+# The sandbox may speak h2 (egress/http2.py turns each stream into an HTTP/1.1 request);
+# upstream connections are HTTP/1.1 only, so every request passes the same h11 hooks.
+SANDBOX_ALPN = ["h2", "http/1.1"]
+UPSTREAM_ALPN = ["http/1.1"]
 
 
 def _name(common_name: str) -> x509.Name:
@@ -107,7 +110,7 @@ class CertificateAuthority:
         leaf = self._leaf(host)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_alpn_protocols(ALPN)
+        ctx.set_alpn_protocols(SANDBOX_ALPN)
         # load_cert_chain only reads files: a private temp file, removed at once.
         with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".pem") as f:
             f.write(leaf.public_bytes(serialization.Encoding.PEM) + self.cert_pem)
@@ -130,7 +133,7 @@ class CertificateAuthority:
 def upstream_context(extra_cas: list[Path]) -> ssl.SSLContext:
     """Verification for upstream TLS: the system trust store plus the operator's CAs."""
     ctx = ssl.create_default_context()
-    ctx.set_alpn_protocols(ALPN)
+    ctx.set_alpn_protocols(UPSTREAM_ALPN)
     for ca in extra_cas:
         try:
             ctx.load_verify_locations(cafile=str(ca))
