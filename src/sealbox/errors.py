@@ -10,7 +10,9 @@
     │   ├── LimitExceeded      a limit killed it (memory, pids, disk, timeout)
     │   └── SandboxGone        it is no longer running
     ├── CommandError           a command exited non-zero (carries the result)
+    ├── ConflictError          the resource is in use (a mounted volume, a volume's writer)
     ├── EgressError            a gateway problem (network plumbing, CA, policy)
+    ├── CapacityError          the installation's sandbox cap is reached (max_sandboxes)
     └── ServerError            the remote server failed or answered something unexpected
 
 Each has a stable ``code`` used as the REST error code; `from_code` maps it back.
@@ -84,9 +86,19 @@ class CommandError(SealboxError):
         self.result = result
 
 
+class ConflictError(SealboxError):
+    code = "conflict"
+    http_status = 409
+
+
 class EgressError(SealboxError):
     code = "egress_failed"
     http_status = 500
+
+
+class CapacityError(SealboxError):
+    code = "capacity"
+    http_status = 503
 
 
 class ServerError(SealboxError):
@@ -99,7 +111,7 @@ _BY_CODE: dict[str, type[SealboxError]] = {
     for cls in (
         SealboxError, ConfigError, NotFoundError, AuthError, ForbiddenError, RuntimeUnavailable,
         SandboxError,
-        LimitExceeded, SandboxGone, CommandError, EgressError, ServerError,
+        LimitExceeded, SandboxGone, CommandError, EgressError, ServerError, ConflictError, CapacityError,
     )
 }
 
@@ -111,8 +123,10 @@ def from_code(code: str, message: str, **details: Any) -> SealboxError:
 
 __all__ = [
     "AuthError",
+    "CapacityError",
     "CommandError",
     "ConfigError",
+    "ConflictError",
     "EgressError",
     "LimitExceeded",
     "NotFoundError",

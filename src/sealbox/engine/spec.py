@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sealbox.egress.secrets import SecretSpec
 from sealbox.engine.units import parse_duration, parse_size
@@ -26,6 +26,78 @@ def _duration(v: Any) -> float | None:
         raise ValueError(exc.message) from None
 
 
+VOLUME_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_VOLUME_NAME = re.compile(VOLUME_NAME)
+# Where a volume may not be mounted: the tier's own mounts, system directories shown read-only,
+# and the agent's directory. Anything under them is refused too.
+RESERVED_PATHS = ("/proc", "/dev", "/sys", "/.sealbox", "/etc", "/usr", "/bin", "/sbin", "/lib",
+                  "/lib32", "/lib64", "/libx32", "/opt", "/run", "/boot", "/var/run")
+
+
+def check_volume_name(name: str) -> str:
+    if not _VOLUME_NAME.match(name):
+        raise ConfigError(f"volume name {name!r} is invalid: use 1-63 lowercase letters, digits, "
+                          "'-' or '_', starting with a letter or digit")
+    return name
+
+
+def check_mount_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise ConfigError(f"mount path {path!r} must be absolute")
+    parts = path.split("/")
+    if any(p in (".", "..") for p in parts) or "\0" in path or len(path) > 1024:
+        raise ConfigError(f"mount path {path!r} must not contain '.' or '..' components")
+    norm = "/" + "/".join(p for p in parts if p)
+    if norm in ("/", "/workspace", "/tmp", "/var/tmp", "/var", "/home"):
+        raise ConfigError(f"cannot mount a volume at {norm}: use a subdirectory such as "
+                          f"{norm.rstrip('/')}/data")
+    for reserved in RESERVED_PATHS:
+        if norm == reserved or norm.startswith(reserved + "/"):
+            raise ConfigError(f"cannot mount a volume at {norm}: {reserved} belongs to the sandbox")
+    return norm
+
+
+class VolumeMount(BaseModel):
+    """A named volume shown inside the sandbox at ``path``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str
+    read_only: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return check_volume_name(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        try:
+            return check_mount_path(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+
+    @classmethod
+    def parse(cls, text: str) -> VolumeMount:
+        """NAME:/path[:ro|:rw] as the CLI takes it."""
+        name, sep, rest = text.partition(":")
+        path, mode = rest, "rw"
+        if rest.endswith((":ro", ":rw")):
+            path, mode = rest[:-3], rest[-2:]
+        if not sep or not name or not path:
+            raise ConfigError(f"--volume {text!r}: use NAME:/path or NAME:/path:ro")
+        try:
+            return cls(name=name, path=path, read_only=mode == "ro")
+        except ValidationError as exc:
+            msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise ConfigError(f"--volume {text!r}: {msg}") from None
+
+
 class SandboxSpec(BaseModel):
     """A sandbox request. Sizes accept "4GiB"-style strings, durations "30m"-style strings."""
 
@@ -42,11 +114,28 @@ class SandboxSpec(BaseModel):
     disk: int | None = Field(default=2 * 1024**3, description="bytes, per writable mount")
     workspace: str | None = Field(default=None, description="host dir at /workspace (embedded only)")
     metadata: dict[str, str] = Field(default_factory=dict)
+    volumes: list[VolumeMount] = Field(default_factory=list,
+                                       description="named volumes to mount (see /v1/volumes)")
 
     @field_validator("timeout", mode="before")
     @classmethod
     def _timeout(cls, v: Any) -> float | None:
         return _duration(v)
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, v: list[VolumeMount]) -> list[VolumeMount]:
+        names: set[str] = set()
+        paths: set[str] = set()
+        for m in v:
+            if m.name in names:
+                raise ValueError(f"volume {m.name!r} is mounted twice")
+            for p in paths:
+                if m.path == p or m.path.startswith(p + "/") or p.startswith(m.path + "/"):
+                    raise ValueError(f"volume paths {p} and {m.path} overlap")
+            names.add(m.name)
+            paths.add(m.path)
+        return v
 
     @field_validator("memory", "disk", mode="before")
     @classmethod
@@ -104,6 +193,12 @@ class SandboxInfo(BaseModel):
     disk: int | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     owner: str | None = None
+    volumes: list[VolumeMount] = Field(default_factory=list)
+    paused_at: datetime | None = None
+    resumed_processes: bool | None = Field(
+        default=None, description="after the last resume: whether processes and memory came "
+        "back (false: only the files saved at pause did; see resume_note)")
+    resume_note: str | None = None
 
 
 class ExecRequest(BaseModel):

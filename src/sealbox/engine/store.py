@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
+CREATE TABLE IF NOT EXISTS pools (
+    key TEXT PRIMARY KEY,
+    config TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS api_keys (
     key_hash TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -77,7 +81,8 @@ class Store:
             db.execute(
                 "INSERT INTO sandboxes(id, owner, state, info, host_pid, host_pid_start, created_at)"
                 " VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET state=excluded.state,"
-                " info=excluded.info",
+                # owner too: a warm-pool member gets its owner when it is claimed
+                " info=excluded.info, owner=excluded.owner",
                 (info.id, info.owner, info.state.value, info.model_dump_json(), self._me[0],
                  self._me[1], info.created_at.isoformat()),
             )
@@ -112,6 +117,12 @@ class Store:
             if process_start_time(pid) != start
         ]
 
+    def adopt(self, sandbox_id: str) -> None:
+        """Make this process the sandbox's owner (resuming a paused sandbox whose owner died)."""
+        with self._tx() as db:
+            db.execute("UPDATE sandboxes SET host_pid=?, host_pid_start=? WHERE id=?",
+                       (self._me[0], self._me[1], sandbox_id))
+
     def prune(self, keep: int = 1000) -> None:
         """Forget the oldest ended sandboxes beyond KEEP."""
         with self._tx() as db:
@@ -135,6 +146,20 @@ class Store:
                 "SELECT tenant, admin FROM api_keys WHERE key_hash=?", (key_hash,)
             ).fetchone()
         return (row[0], bool(row[1])) if row else None
+
+    # Warm pool configurations (JSON; engine/pools.py owns their meaning).
+    def put_pool(self, key: str, config_json: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO pools(key, config) VALUES (?,?)", (key, config_json))
+
+    def delete_pool(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM pools WHERE key=?", (key,))
+
+    def list_pools(self) -> builtins.list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT config FROM pools ORDER BY key").fetchall()
+        return [r[0] for r in rows]
 
     def close(self) -> None:
         self._db.close()

@@ -32,6 +32,16 @@ class Limits:
     disk_bytes: int | None = None
 
 
+@dataclass(frozen=True)
+class HostMount:
+    """A host directory shown inside the sandbox (a volume the engine mounted on the host)."""
+
+    host_path: Path
+    sandbox_path: str
+    """Absolute, normalised, validated by the engine (never /, /proc, /dev, /etc, ...)."""
+    read_only: bool = False
+
+
 @dataclass
 class LaunchSpec:
     sandbox_id: str
@@ -46,6 +56,10 @@ class LaunchSpec:
     """Host directory mounted read-write at /workspace; None means a private, size-limited one."""
     ro_files: dict[str, Path] = field(default_factory=dict)
     """Sandbox path -> host file shown read-only (resolv.conf, CA bundle, hosts)."""
+    mounts: list[HostMount] = field(default_factory=list)
+    """Volumes, bind-mounted after every other mount (so they may sit under /workspace)."""
+    layer: Path | None = None
+    """A template's read-only tree (usr/, etc/, opt/, var/) overlaid on the system dirs."""
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,9 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
                        "options": ["bind", "ro"]})
     mounts.append({"destination": "/.sealbox", "type": "bind",
                    "source": str(spec.run_dir / "guest"), "options": ["rbind", "ro"]})
+    for m in spec.mounts:
+        mounts.append({"destination": m.sandbox_path, "type": "bind", "source": str(m.host_path),
+                       "options": ["rbind", "ro" if m.read_only else "rw"]})
     resources: dict[str, Any] = {}
     if lim.memory_bytes:
         resources["memory"] = {"limit": lim.memory_bytes, "swap": lim.memory_bytes}
@@ -204,6 +207,9 @@ class GvisorSandbox:
             else:
                 target.mkdir(exist_ok=True)
         (rootfs / "var" / "tmp").mkdir(exist_ok=True)
+        for m in self.spec.mounts:
+            # The root is read-only inside: a volume's mount point must exist in the bundle.
+            (rootfs / m.sandbox_path.lstrip("/")).mkdir(parents=True, exist_ok=True)
         (self.bundle / "config.json").write_text(json.dumps(oci_spec(self.spec)))
 
     async def launch(self) -> None:
@@ -283,9 +289,11 @@ class GvisorSandbox:
             await self.proc.wait()
 
     async def _runsc(self, *args: str) -> None:
+        # runsc reaches the sandbox over an abstract unix socket, and those are per network
+        # namespace: from the host's namespace the sandbox looks "stopped".
         p = await asyncio.create_subprocess_exec(
             *_runsc_base(self._platform), *args, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
+            stderr=subprocess.PIPE, preexec_fn=enter_netns(self.spec.netns))
         _, err = await p.communicate()
         if p.returncode != 0:
             raise SandboxError(f"runsc {args[0]} failed: {err.decode(errors='replace').strip()}")

@@ -333,6 +333,9 @@ class MicrovmRuntime:
         return Probe(probe.ok, f"{probe.detail}; start: {start}", probe.auto_skip)
 
     async def start(self, spec: LaunchSpec) -> MicrovmSandbox:
+        if spec.mounts:
+            raise ConfigError("volumes are not supported on the microvm tier yet: use "
+                              "--runtime namespace or gvisor")
         probe, accel = await asyncio.get_running_loop().run_in_executor(None, _probe)
         assets = Assets.load()
         if accel is None or assets is None:

@@ -21,6 +21,7 @@ from sealbox._sys.spawn import enter_sandbox
 from sealbox.errors import RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, launched
+from sealbox.runtimes.layers import mount_layer, unmount_layer
 from sealbox.runtimes.seccomp import bpf_program
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
@@ -123,6 +124,8 @@ class NamespaceSandbox:
         self._listener: socket.socket | None = None
         self._private = spec.run_dir / "private"
         self._killed = False
+        self._layer: dict[str, Path] = {}
+        """Template layer: sandbox dir -> host dir bound read-only in its place."""
 
     @property
     def socket_path(self) -> Path:
@@ -148,8 +151,10 @@ class NamespaceSandbox:
             if p.is_symlink():
                 args += ["--symlink", os.readlink(p), str(p)]
             elif p.is_dir():
-                args += ["--ro-bind", str(p), str(p)]
+                args += ["--ro-bind", str(self._layer.get(str(p), p)), str(p)]
         args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run", "--dir", "/var"]
+        if "/var" in self._layer:
+            args += ["--ro-bind", str(self._layer["/var"]), "/var"]
         for path in ("/tmp", "/var/tmp") + (() if spec.workspace else ("/workspace",)):
             args += (["--size", disk] if disk else []) + ["--tmpfs", path]
         if spec.workspace:
@@ -167,6 +172,10 @@ class NamespaceSandbox:
         for inside, host in spec.ro_files.items():
             args += ["--ro-bind", str(host), inside]
         args += ["--ro-bind", str(spec.run_dir / "guest"), "/.sealbox"]
+        for m in spec.mounts:
+            # bwrap creates the mount point; symlinks inside the volume resolve in the
+            # sandbox's own mount namespace, never on the host.
+            args += ["--ro-bind" if m.read_only else "--bind", str(m.host_path), m.sandbox_path]
         for k, v in sandbox_env(spec).items():
             args += ["--setenv", k, v]
         args += ["--remount-ro", "/", "--chdir", "/workspace", "--seccomp", str(seccomp_fd)]
@@ -176,6 +185,7 @@ class NamespaceSandbox:
     async def launch(self) -> None:
         spec = self.spec
         prepare_run_dir(spec)
+        self._layer = mount_layer(spec)
         self._private.mkdir(mode=0o700, exist_ok=True)
         lim = spec.limits
         self.cgroup.create(lim.cpus, lim.memory_bytes, lim.pids)
@@ -248,6 +258,7 @@ class NamespaceSandbox:
         await loop.run_in_executor(None, self.cgroup.remove)
         if self._listener is not None:
             self._listener.close()
+        await loop.run_in_executor(None, unmount_layer, self.spec.run_dir)
 
     async def pause(self) -> None:
         self.cgroup.freeze(True)

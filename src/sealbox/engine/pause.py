@@ -1,0 +1,152 @@
+"""What a paused sandbox keeps so it survives its owner (a server) dying.
+
+While the owner lives, a paused sandbox is frozen in place (cgroup freezer / `runsc pause`):
+processes and memory come back exactly on resume. No tier here can checkpoint processes to
+disk (no CRIU; runsc refuses to checkpoint with host networking, which is the only networking
+runsc 2022 has on this kernel), so at pause the engine also saves what can outlive the
+processes: the files under /workspace (a tar made by the sandbox itself, through its agent) and
+what it takes to boot the sandbox again (spec, secrets). If the owner dies, resume boots a fresh
+sandbox with the same id, policy, limits, volumes and those files, and says that processes were
+not restored.
+
+Layout: ``DATA/paused/ID/`` (0700): ``workspace.tar`` and ``resume.json`` (0600; holds secret
+values and env, like the CA key next to it; removed when the sandbox resumes or ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sealbox.engine.spec import SandboxInfo, SandboxSpec
+from sealbox.errors import SandboxError
+from sealbox.guest.client import ExitStatus, GuestClient, Output
+
+TAR_NAME = "workspace.tar"
+SPEC_NAME = "resume.json"
+_CHUNK = 1 << 20
+LOST_PROCESSES = ("the server restarted while the sandbox was paused: its processes and memory "
+                  "were lost; /workspace was restored from the files saved at pause")
+
+
+class PausedState:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "paused"
+
+    def dir(self, sandbox_id: str) -> Path:
+        return self.root / sandbox_id
+
+    def exists(self, sandbox_id: str) -> bool:
+        return (self.dir(sandbox_id) / SPEC_NAME).is_file()
+
+    def discard(self, sandbox_id: str) -> None:
+        shutil.rmtree(self.dir(sandbox_id), ignore_errors=True)
+
+    def sweep(self, keep: set[str]) -> None:
+        """Remove saved state of sandboxes not in KEEP (ended while nobody was watching)."""
+        if self.root.is_dir():
+            for d in self.root.iterdir():
+                if d.name not in keep:
+                    shutil.rmtree(d, ignore_errors=True)
+
+    # ----- saving ------------------------------------------------------------------------
+    async def save(self, guest: GuestClient, spec: SandboxSpec, remaining: float | None,
+                   sandbox_id: str, limit: int | None) -> None:
+        """Save SPEC (with secret values) and, unless /workspace is a host directory, a tar of
+        /workspace made inside the sandbox. LIMIT caps the tar (the sandbox's disk limit)."""
+        d = self.dir(sandbox_id)
+        self.discard(sandbox_id)
+        d.mkdir(parents=True, mode=0o700)
+        try:
+            if spec.workspace is None:
+                await _tar_out(guest, d / TAR_NAME, limit)
+            body = spec.model_dump(mode="json")
+            for name, secret in spec.secrets.items():
+                body["secrets"][name]["value"] = secret.value.get_secret_value()
+            body["timeout"] = remaining
+            fd = os.open(d / SPEC_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f)
+        except BaseException:
+            self.discard(sandbox_id)
+            raise
+
+    def load_spec(self, sandbox_id: str) -> SandboxSpec:
+        data: dict[str, Any] = json.loads((self.dir(sandbox_id) / SPEC_NAME).read_text())
+        return SandboxSpec.model_validate(data)
+
+    async def restore_files(self, guest: GuestClient, sandbox_id: str) -> None:
+        tar = self.dir(sandbox_id) / TAR_NAME
+        if tar.is_file():
+            await _tar_in(guest, tar)
+
+
+async def _tar_out(guest: GuestClient, dest: Path, limit: int | None) -> None:
+    handle = await guest.exec(["tar", "-C", "/workspace", "-cf", "-", "."])
+    size = 0
+    err = b""
+    status: ExitStatus | None = None
+    with open(dest, "wb") as f:
+        async for item in handle:
+            if isinstance(item, Output):
+                if item.stream == "stdout":
+                    size += len(item.data)
+                    if limit is not None and size > limit + (1 << 20):
+                        await handle.signal(9)
+                        raise SandboxError("cannot pause: /workspace grew past the disk limit "
+                                           "while being saved")
+                    await asyncio.to_thread(f.write, item.data)
+                else:
+                    err += item.data[:4096]
+            else:
+                status = item
+    if status is None or status.exit_code != 0:
+        raise SandboxError("cannot pause: saving /workspace failed: "
+                           + err.decode(errors="replace").strip()[-500:])
+    dest.chmod(0o600)
+
+
+async def _chunks(path: Path) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := await asyncio.to_thread(f.read, _CHUNK):
+            yield chunk
+
+
+async def _tar_in(guest: GuestClient, src: Path) -> None:
+    # The sandbox unpacks its own files: the host never interprets what the sandbox wrote.
+    handle = await guest.exec(["tar", "-C", "/workspace", "-xf", "-"], stdin=True)
+    err = b""
+
+    async def feed() -> None:
+        async for chunk in _chunks(src):
+            await handle.write_stdin(chunk)
+        await handle.close_stdin()
+
+    feeder = asyncio.ensure_future(feed())
+    status: ExitStatus | None = None
+    try:
+        async for item in handle:
+            if isinstance(item, Output):
+                err += item.data[:4096]
+            else:
+                status = item
+        await feeder
+    finally:
+        feeder.cancel()
+    if status is None or status.exit_code != 0:
+        raise SandboxError("restoring /workspace failed: "
+                           + err.decode(errors="replace").strip()[-500:])
+
+
+def remaining_time(info: SandboxInfo, at: datetime | None = None) -> float | None:
+    """Seconds of the timeout left at AT (default: now); None when there is no timeout."""
+    if info.expires_at is None:
+        return None
+    at = at or datetime.now(UTC)
+    return max((info.expires_at - at) / timedelta(seconds=1), 0.001)
