@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from sealbox.api import errors, routes_exec, routes_files, routes_sandboxes, routes_system
-from sealbox.api import preview, routes_ssh_keys
+from sealbox.api import preview, routes_pools, routes_ssh_keys, routes_volumes
 from sealbox.api.auth import KeyRing
 from sealbox.engine.engine import Engine
 
@@ -48,8 +48,9 @@ def create_app(engine: Engine, keys: KeyRing) -> FastAPI:
     app.state.engine = engine
     app.state.keys = keys
     errors.install(app)
-    for module in (routes_system, routes_sandboxes, routes_exec, routes_files):
+    for module in (routes_system, routes_sandboxes, routes_exec, routes_files, routes_pools):
         app.include_router(module.router)
+    app.include_router(routes_volumes.router)
     preview.install(app)
     routes_ssh_keys.install(app, engine)
     return app

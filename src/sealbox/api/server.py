@@ -39,6 +39,8 @@ class ServerConfig:
     """Start the SSH gateway on this port (on `host`); 0 picks a free one."""
     preview_domain: str = "localhost"
     """Preview URLs are `http://PORT-ID.DOMAIN:PORT/`."""
+    max_sandboxes: int | None = None
+    """Most sandboxes alive at once, warm-pool members included; None = no cap."""
 
 
 class _Server(uvicorn.Server):
@@ -50,6 +52,7 @@ class _Server(uvicorn.Server):
         # Kill the sandboxes before draining connections: that ends open exec streams and
         # terminals at once instead of cutting them off after the grace period, and it
         # happens even on a forced exit, when uvicorn skips the lifespan shutdown.
+        await self._engine.pools.stop()  # no refill may boot while we kill
         results = await asyncio.gather(
             *(self._engine.kill(info.id, reason="server shut down") for info in self._engine.list()),
             return_exceptions=True,
@@ -67,6 +70,7 @@ async def serve(config: ServerConfig) -> None:
         resolve=[ResolvePin.parse(pin) for pin in config.resolve],
         upstream_ca=list(config.upstream_ca),
         allow_host_workspace=False,  # API callers must not mount the server's own files
+        max_sandboxes=config.max_sandboxes, start_pools=True,
     ))
     admin_hash, admin_file = load_admin_key(config.data_dir)
     if admin_file is not None:
@@ -91,9 +95,10 @@ async def serve(config: ServerConfig) -> None:
 def run_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT, data_dir: Path | None = None,
                max_timeout: float | None = None, resolve: Sequence[str] = (),
                upstream_ca: Sequence[Path] = (), log_level: str = "info",
-               ssh_port: int | None = None, preview_domain: str = "localhost") -> None:
+               ssh_port: int | None = None, preview_domain: str = "localhost",
+               max_sandboxes: int | None = None) -> None:
     asyncio.run(serve(ServerConfig(
         host=host, port=port, data_dir=data_dir or default_data_dir(), max_timeout=max_timeout,
         resolve=list(resolve), upstream_ca=list(upstream_ca), log_level=log_level,
-        ssh_port=ssh_port, preview_domain=preview_domain,
+        ssh_port=ssh_port, preview_domain=preview_domain, max_sandboxes=max_sandboxes,
     )))

@@ -257,6 +257,8 @@ class SshGateway:
             env["TERM"] = term
         command = process.command
         argv = ["/bin/sh", "-c", command] if command else DEFAULT_SHELL
+        # A sandbox from a warm pool gets its secrets' placeholders and env per command.
+        env = {**self.engine.sandbox_env(sandbox_id), **env}
         handle = await guest.exec(argv, env=env or None, cwd=HOME, pty=pty, stdin=True)
         self.engine.events.write(sandbox_id, "exec", cmd=command or "(ssh shell)",
                                  pid=handle.pid, via="ssh")

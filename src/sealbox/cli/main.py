@@ -8,6 +8,7 @@ from sealbox.cli.doctor import doctor
 from sealbox.cli.exec import exec_, shell
 from sealbox.cli.files import cp
 from sealbox.cli.policy import policy_app
+from sealbox.cli.pools import pool_app
 from sealbox.cli.reach import code, expose, ssh_key_app
 from sealbox.cli.run import run
 from sealbox.cli.sandboxes import create, egress, kill, logs, ls
@@ -33,6 +34,7 @@ app.command()(expose)
 app.command()(code)
 app.add_typer(ssh_key_app, name="ssh-key")
 app.add_typer(policy_app, name="policy")
+app.add_typer(pool_app, name="pool")
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ def server(
     preview_domain: Annotated[str, typer.Option(
         help="preview URLs are http://PORT-ID.DOMAIN:PORT/")] = "localhost",
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    max_sandboxes: Annotated[int | None, typer.Option(
+        min=1, help="most sandboxes alive at once, warm-pool members included")] = None,
 ) -> None:
     """Serve the REST API (and optionally the SSH gateway) until interrupted."""
     from sealbox.api.server import run_server
@@ -35,4 +37,5 @@ def server(
         fail(f"error: {exc.message}", 2)
     run_server(host=host, port=port, data_dir=data_dir, max_timeout=cap,
                resolve=list(resolve or []), upstream_ca=list(upstream_ca or []),
-               ssh_port=ssh_port, preview_domain=preview_domain, log_level=log_level)
+               ssh_port=ssh_port, preview_domain=preview_domain, log_level=log_level,
+               max_sandboxes=max_sandboxes)

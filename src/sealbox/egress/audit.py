@@ -25,6 +25,10 @@ class AuditLog:
         self._scrub = scrub
         self._ring: deque[dict[str, Any]] = deque(maxlen=size)
 
+    def set_scrub(self, scrub: Callable[[str], str]) -> None:
+        """Replace the redaction (secrets bound after attach bring new values to scrub)."""
+        self._scrub = scrub
+
     def record(self, kind: str, **fields: Any) -> dict[str, Any]:
         event: dict[str, Any] = {
             "time": datetime.now(UTC).isoformat(), "sandbox_id": self.sandbox_id, "kind": kind,

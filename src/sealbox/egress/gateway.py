@@ -146,6 +146,24 @@ class Gateway:
         self._get(sandbox_id).ctx.policy = policy
         self._get(sandbox_id).ctx.audit.record("policy_changed", allow_net=list(allow_net))
 
+    def bind_secrets(self, sandbox_id: str, secrets: dict[str, SecretSpec]) -> dict[str, str]:
+        """Give an attached sandbox that has no secrets yet its secrets (a warm-pool member
+        claimed by a caller): fresh placeholders, issued to this sandbox only. Returns them
+        (name -> placeholder); the engine passes them into the sandbox's commands as env."""
+        attached = self._get(sandbox_id)
+        if attached.ctx.secrets:
+            raise EgressError(f"sandbox {sandbox_id} already has secrets bound")
+        for name, spec in secrets.items():
+            if not isinstance(spec, SecretSpec):
+                raise ConfigError(f"secret {name!r} must be a SecretSpec")
+        ctx = SecretContext(secrets)
+        # Redaction first, so no event can be logged with a value the old scrub does not know.
+        attached.ctx.audit.set_scrub(ctx.redact_text)
+        attached.ctx.secrets = ctx
+        if ctx:
+            attached.ctx.audit.record("secrets_bound", names=sorted(ctx.placeholders))
+        return ctx.placeholders
+
     def _get(self, sandbox_id: str) -> _Attached:
         attached = self._attached.get(sandbox_id)
         if attached is None:

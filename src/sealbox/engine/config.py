@@ -29,3 +29,8 @@ class EngineConfig:
     allow_host_workspace: bool = True
     """Whether a spec may mount a host directory (the server turns this off)."""
     run_root: Path = RUN_ROOT
+    max_sandboxes: int | None = None
+    """Most sandboxes (pool members included) alive at once; None = no cap."""
+    start_pools: bool = False
+    """Start the warm pools kept in the store when the engine starts (the server does; a
+    one-shot CLI run must not boot a pool it would kill a moment later)."""

@@ -34,10 +34,19 @@ from sealbox.engine.spec import (
 )
 from sealbox.engine.store import Store, now
 from sealbox.engine.units import format_size
-from sealbox.errors import ConfigError, NotFoundError, SandboxError, SandboxGone
+from sealbox.engine.pause import LOST_PROCESSES, PausedState, remaining_time
+from sealbox.engine.pools import Pools
+from sealbox.engine.volumes import Volumes, volume_uid
+from sealbox.errors import (
+    CapacityError,
+    ConfigError,
+    NotFoundError,
+    SandboxError,
+    SandboxGone,
+)
 from sealbox.guest.client import ExecHandle, ExitStatus, GuestClient, Output
 from sealbox.runtimes import registry
-from sealbox.runtimes.base import LaunchSpec, Limits, RunningSandbox
+from sealbox.runtimes.base import LaunchSpec, Limits, Runtime, RunningSandbox
 
 NETNS_PREFIX = "sealbox-"
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -63,6 +72,12 @@ class _Live:
     """Set when everything of the sandbox has been removed and its final state recorded."""
     timer: asyncio.TimerHandle | None = None
     watcher: asyncio.Task[None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Merged into every command's env (a pool member's secrets and env arrive at claim)."""
+    spec: SandboxSpec | None = None
+    """What the caller asked for (with secret values): saved at pause to boot it again."""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Serialises pause and resume."""
 
 
 def describe_limit(limit: str, info: SandboxInfo) -> str:
@@ -121,6 +136,10 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._started = False
+        self._booting = 0
+        self.pools = Pools(self)
+        self.volumes = Volumes(self.config.data_dir, self.config.run_root, self.store)
+        self.paused = PausedState(self.config.data_dir)
 
     async def start(self) -> None:
         if self._started:
@@ -128,9 +147,12 @@ class Engine:
         await self.gateway.start()
         await asyncio.to_thread(self.reconcile)
         self._started = True
+        if self.config.start_pools:
+            self.pools.load()
 
     async def close(self) -> None:
         """Kill every sandbox this engine runs. Nothing of them survives."""
+        await self.pools.stop()  # first: no refill may boot a sandbox while we kill them
         await asyncio.gather(*(self.kill(i, reason="engine shut down") for i in list(self._live)))
         await self.gateway.stop()
         self.store.close()
@@ -142,11 +164,19 @@ class Engine:
         cleaned = []
         for info in self.store.orphans():
             self._remove_leftovers(info.id, info.runtime)
+            if info.state == SandboxState.paused and self.paused.exists(info.id):
+                # Survives its owner: resume boots it again from what pause saved.
+                if info.resume_note != LOST_PROCESSES:
+                    info.resume_note = LOST_PROCESSES
+                    self.store.put(info)
+                continue
             info.state = SandboxState.killed
             info.ended_at = now()
             info.end_reason = "owner process died; cleaned up on restart"
             self.store.put(info)
             cleaned.append(info.id)
+        self.volumes.reconcile()
+        self.paused.sweep({i.id for i in self.store.list(live_only=True)})
         return cleaned
 
     def _remove_leftovers(self, sandbox_id: str, runtime: str | None = None) -> None:
@@ -159,6 +189,7 @@ class Engine:
         # Deleting the namespace also destroys the veth pair that joined it to the host.
         netns.delete(netns_name(sandbox_id))
         shutil.rmtree(self.config.run_root / sandbox_id, ignore_errors=True)
+        self.volumes.release(sandbox_id)
 
     # ----- lifecycle --------------------------------------------------------------------
     async def create(self, spec: SandboxSpec, owner: str | None = None) -> SandboxInfo:
@@ -175,60 +206,129 @@ class Engine:
             workspace = Path(spec.workspace).resolve()
             if not workspace.is_dir():
                 raise ConfigError(f"workspace {spec.workspace!r} is not a directory")
-        sandbox_id = new_id()
+        if spec.volumes:
+            if runtime.name == "microvm":
+                raise ConfigError("volumes are not supported on the microvm tier yet: use "
+                                  "--runtime namespace or gvisor")
+            await asyncio.to_thread(self.volumes.check, spec.volumes, owner)
+        # A warm pool member if one matches (claiming takes milliseconds), else a cold boot.
+        # Volumes are bind-mounted at boot, so a sandbox with volumes never comes from a pool.
+        live = None if spec.volumes else self.pools.take(spec, runtime.name)
+        pooled = live is not None
+        if live is None:
+            if self._at_capacity():
+                await self.pools.evict_one()  # an idle pool member yields to a real request
+            live = await self._boot(spec, runtime, workspace, bare=False, owner=owner)
+        live.spec = spec
+        try:
+            await self._claim(live, spec, owner, timeout, pooled)
+        except BaseException as exc:
+            await self._finish(live, SandboxState.failed, f"failed to start: {exc}")
+            raise
+        return live.info.model_copy(deep=True)
+
+    def _at_capacity(self) -> bool:
+        cap = self.config.max_sandboxes
+        return cap is not None and len(self._live) + self._booting >= cap
+
+    async def _boot(self, spec: SandboxSpec, runtime: Runtime, workspace: Path | None, *,
+                    bare: bool, metadata: dict[str, str] | None = None,
+                    owner: str | None = None, sandbox_id: str | None = None) -> _Live:
+        """Start a sandbox up to its agent answering. BARE (a warm-pool member): attached to
+        the gateway with no secrets and no egress, and no caller env; `_claim` adds them."""
+        if self._at_capacity():
+            raise CapacityError(
+                f"this installation runs at most {self.config.max_sandboxes} sandboxes at once; "
+                "kill one or ask the operator to raise --max-sandboxes")
+        sandbox_id = sandbox_id or new_id()
         created = now()
         info = SandboxInfo(
             id=sandbox_id, state=SandboxState.creating, runtime=runtime.name, created_at=created,
-            expires_at=created + timedelta(seconds=timeout) if timeout else None,
-            allow_net=list(spec.allow_net),
-            secrets={k: SecretInfo(hosts=list(v.hosts)) for k, v in spec.secrets.items()},
+            allow_net=[] if bare else list(spec.allow_net),
+            secrets={} if bare else {k: SecretInfo(hosts=list(v.hosts))
+                                     for k, v in spec.secrets.items()},
             cpus=spec.cpus, memory=spec.memory, pids=spec.pids, disk=spec.disk,
-            metadata=dict(spec.metadata), owner=owner,
+            metadata=dict(metadata or {}), owner=None if bare else owner,
+            volumes=[] if bare else list(spec.volumes),
         )
-        self.store.put(info)
-        run_dir = self.config.run_root / sandbox_id
-        run_dir.mkdir(parents=True, mode=0o711)
-        ns = netns_name(sandbox_id)
-        running: RunningSandbox | None = None
+        self._booting += 1  # counted from here, before any await, so the cap cannot be raced
         try:
-            # pyroute2's netns calls run their own loop: keep them off ours.
-            await asyncio.to_thread(netns.create, ns)
-            attachment = await self.gateway.attach(
-                sandbox_id, ns, list(spec.allow_net), dict(spec.secrets), run_dir
-            )
-            for name, placeholder in attachment.placeholders.items():
-                info.secrets[name].placeholder = placeholder
-            launch = LaunchSpec(
-                sandbox_id=sandbox_id, netns=ns, run_dir=run_dir,
-                limits=Limits(cpus=spec.cpus, memory_bytes=spec.memory, pids=spec.pids,
-                              disk_bytes=spec.disk),
-                env={**attachment.env, **spec.env}, hostname=sandbox_id, workspace=workspace,
-                ro_files=dict(attachment.ro_files),
-            )
-            running = await runtime.start(launch)
-            guest = await running.connect()
-        except BaseException as exc:
-            if running is not None:
-                await running.kill()
-            await self.gateway.detach(sandbox_id)
-            await asyncio.to_thread(self._remove_leftovers, sandbox_id)
-            info.state = SandboxState.failed
-            info.ended_at = now()
-            info.end_reason = f"failed to start: {exc}"
             self.store.put(info)
-            raise
-        info.state = SandboxState.running
+            run_dir = self.config.run_root / sandbox_id
+            run_dir.mkdir(parents=True, mode=0o711)
+            ns = netns_name(sandbox_id)
+            running: RunningSandbox | None = None
+            try:
+                # pyroute2's netns calls run their own loop: keep them off ours.
+                await asyncio.to_thread(netns.create, ns)
+                attachment = await self.gateway.attach(
+                    sandbox_id, ns, [] if bare else list(spec.allow_net),
+                    {} if bare else dict(spec.secrets), run_dir
+                )
+                for name, placeholder in attachment.placeholders.items():
+                    info.secrets[name].placeholder = placeholder
+                mounts = await asyncio.to_thread(
+                    self.volumes.attach, info.volumes, sandbox_id, owner,
+                    volume_uid(runtime.name, sandbox_id, workspace),
+                ) if info.volumes else []
+                launch = LaunchSpec(
+                    sandbox_id=sandbox_id, netns=ns, run_dir=run_dir,
+                    limits=Limits(cpus=spec.cpus, memory_bytes=spec.memory, pids=spec.pids,
+                                  disk_bytes=spec.disk),
+                    env={**attachment.env, **({} if bare else spec.env)}, hostname=sandbox_id,
+                    workspace=workspace, ro_files=dict(attachment.ro_files), mounts=mounts,
+                )
+                running = await runtime.start(launch)
+                guest = await running.connect()
+            except BaseException as exc:
+                if running is not None:
+                    await running.kill()
+                await self.gateway.detach(sandbox_id)
+                await asyncio.to_thread(self._remove_leftovers, sandbox_id)
+                info.state = SandboxState.failed
+                info.ended_at = now()
+                info.end_reason = f"failed to start: {exc}"
+                self.store.put(info)
+                raise
+            info.state = SandboxState.running
+            self.store.put(info)
+            live = _Live(info=info, runtime=running, guest=guest)
+            self._live[sandbox_id] = live
+        finally:
+            self._booting -= 1
+        live.watcher = asyncio.create_task(self._watch(live))
+        return live
+
+    async def _claim(self, live: _Live, spec: SandboxSpec, owner: str | None,
+                     timeout: float | None, pooled: bool) -> None:
+        """Give a booted sandbox its caller's identity: owner, metadata, and for a pool member
+        its egress policy, secrets (fresh placeholders) and env. The clock starts here."""
+        info = live.info
+        sandbox_id = info.id
+        if pooled:
+            await self.gateway.set_policy(sandbox_id, list(spec.allow_net))
+            placeholders = self.gateway.bind_secrets(sandbox_id, dict(spec.secrets))
+            # The agent's env was fixed at boot: every command gets these merged in instead.
+            live.env = {**placeholders, **spec.env}
+            info.allow_net = list(spec.allow_net)
+            info.secrets = {k: SecretInfo(hosts=list(v.hosts), placeholder=placeholders[k])
+                            for k, v in spec.secrets.items()}
+        info.metadata = dict(spec.metadata)
+        info.owner = owner
+        info.created_at = now()
+        info.expires_at = info.created_at + timedelta(seconds=timeout) if timeout else None
         self.store.put(info)
-        live = _Live(info=info, runtime=running, guest=guest)
-        self._live[sandbox_id] = live
-        loop = asyncio.get_running_loop()
         if timeout:
+            loop = asyncio.get_running_loop()
             live.timer = loop.call_later(
                 timeout, lambda: asyncio.ensure_future(self._end(sandbox_id, "timeout"))
             )
-        live.watcher = asyncio.create_task(self._watch(live))
-        self.events.write(sandbox_id, "created", runtime=runtime.name)
-        return info.model_copy(deep=True)
+        self.events.write(sandbox_id, "created", runtime=info.runtime, pooled=pooled)
+
+    def sandbox_env(self, sandbox_id: str, owner: str | None = None) -> dict[str, str]:
+        """Env every command of the sandbox gets on top of the agent's own (secrets'
+        placeholders and the caller's env when it came from a warm pool)."""
+        return dict(self._running(sandbox_id, owner).env)
 
     async def _watch(self, live: _Live) -> None:
         exit_info = await live.runtime.wait()
@@ -257,6 +357,7 @@ class Engine:
             await self.gateway.detach(sandbox_id)
         finally:
             await asyncio.to_thread(self._remove_leftovers, sandbox_id)
+            self.paused.discard(sandbox_id)
             self._live.pop(sandbox_id, None)
             live.info.state = state
             live.info.ended_at = now()
@@ -269,7 +370,10 @@ class Engine:
                    reason: str = "killed by request") -> SandboxInfo:
         live = self._owned_live(sandbox_id, owner)
         if live is None:
-            return self.get(sandbox_id, owner)
+            info = self.get(sandbox_id, owner)
+            if info.state == SandboxState.paused and self._dormant(sandbox_id):
+                return await asyncio.to_thread(self._end_dormant, info, reason)
+            return info
         await self._finish(live, SandboxState.killed, reason)
         return live.info.model_copy(deep=True)
 
@@ -279,21 +383,109 @@ class Engine:
             await live.gone.wait()
         return self.get(sandbox_id)
 
+    # ----- pause and resume (engine/pause.py says what survives what) ----------------------
     async def pause(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
+        """Freeze the sandbox (no CPU), stop its clock, and save what can outlive its owner."""
         live = self._running(sandbox_id, owner)
-        await live.runtime.pause()
-        live.info.state = SandboxState.paused
-        self.store.put(live.info)
-        return live.info.model_copy(deep=True)
+        async with live.lock:
+            info = live.info
+            if info.state != SandboxState.running or live.ended.is_set():
+                raise SandboxError(f"sandbox {sandbox_id} is {info.state.value}, not running")
+            paused_at = now()
+            remaining = remaining_time(info, paused_at)
+            if live.timer is not None:
+                live.timer.cancel()
+                live.timer = None
+            info.state = SandboxState.paused  # no new commands while saving
+            try:
+                if live.spec is not None:
+                    await self.paused.save(live.guest, live.spec, remaining, sandbox_id,
+                                           info.disk)
+                await live.runtime.pause()
+            except BaseException:
+                info.state = SandboxState.running
+                self.paused.discard(sandbox_id)
+                self._arm_timer(live, remaining)
+                raise
+            info.paused_at = paused_at
+            self.store.put(info)
+            self.events.write(sandbox_id, "paused", remaining=remaining)
+            return info.model_copy(deep=True)
 
     async def resume(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
+        """Thaw a paused sandbox; the clock runs again with the time that was left. A sandbox
+        whose owner died while it was paused is booted again from what pause saved."""
         live = self._owned_live(sandbox_id, owner)
-        if live is None or live.info.state != SandboxState.paused:
-            raise SandboxError(f"sandbox {sandbox_id} is not paused")
-        await live.runtime.resume()
-        live.info.state = SandboxState.running
-        self.store.put(live.info)
-        return live.info.model_copy(deep=True)
+        if live is None:
+            info = self.get(sandbox_id, owner)
+            if info.state == SandboxState.paused and self._dormant(sandbox_id):
+                return await self._resume_dormant(info)
+            raise SandboxError(f"sandbox {sandbox_id} is not paused (it is {info.state.value})")
+        async with live.lock:
+            info = live.info
+            if info.state != SandboxState.paused or live.ended.is_set():
+                raise SandboxError(f"sandbox {sandbox_id} is not paused (it is "
+                                   f"{info.state.value})")
+            await live.runtime.resume()
+            remaining = remaining_time(info, info.paused_at)
+            info.expires_at = now() + timedelta(seconds=remaining) if remaining else None
+            self._arm_timer(live, remaining)
+            info.state = SandboxState.running
+            info.paused_at = None
+            info.resumed_processes = True
+            info.resume_note = None
+            self.paused.discard(sandbox_id)
+            self.store.put(info)
+            self.events.write(sandbox_id, "resumed", processes=True)
+            return info.model_copy(deep=True)
+
+    def _arm_timer(self, live: _Live, seconds: float | None) -> None:
+        if seconds is None:
+            return
+        sandbox_id = live.info.id
+        live.timer = asyncio.get_running_loop().call_later(
+            seconds, lambda: asyncio.ensure_future(self._end(sandbox_id, "timeout")))
+
+    def _dormant(self, sandbox_id: str) -> bool:
+        """Paused, and its owner died: only its saved state is left, for any engine to resume."""
+        return (sandbox_id not in self._live and self.paused.exists(sandbox_id)
+                and any(o.id == sandbox_id for o in self.store.orphans()))
+
+    def _end_dormant(self, info: SandboxInfo, reason: str) -> SandboxInfo:
+        self.paused.discard(info.id)
+        info.state = SandboxState.killed
+        info.ended_at = now()
+        info.end_reason = reason
+        info.paused_at = None
+        self.store.put(info)
+        self.events.write(info.id, "ended", state=info.state.value, reason=reason)
+        return info
+
+    async def _resume_dormant(self, old: SandboxInfo) -> SandboxInfo:
+        sandbox_id = old.id
+        spec = self.paused.load_spec(sandbox_id)
+        runtime = registry.lookup(old.runtime)
+        workspace = Path(spec.workspace) if spec.workspace else None
+        if spec.volumes:
+            await asyncio.to_thread(self.volumes.check, spec.volumes, old.owner, sandbox_id)
+        self.store.adopt(sandbox_id)  # ours now: nobody else reconciles it away meanwhile
+        live = await self._boot(spec, runtime, workspace, bare=False, owner=old.owner,
+                                sandbox_id=sandbox_id, metadata=old.metadata)
+        live.spec = spec
+        try:
+            await self._claim(live, spec, old.owner, spec.timeout, False)
+            await self.paused.restore_files(live.guest, sandbox_id)
+        except BaseException as exc:
+            await self._finish(live, SandboxState.failed, f"failed to resume: {exc}")
+            raise
+        info = live.info
+        info.created_at = old.created_at
+        info.resumed_processes = False
+        info.resume_note = LOST_PROCESSES
+        self.paused.discard(sandbox_id)
+        self.store.put(info)
+        self.events.write(sandbox_id, "resumed", processes=False)
+        return info.model_copy(deep=True)
 
     # ----- queries ----------------------------------------------------------------------
     def get(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
@@ -336,7 +528,7 @@ class Engine:
         live = self._running(sandbox_id, owner)
         argv, shell = (None, req.cmd) if isinstance(req.cmd, str) else (list(req.cmd), None)
         handle = await live.guest.exec(
-            argv, shell=shell, env=req.env or None, cwd=req.cwd, timeout=req.timeout, pty=pty,
+            argv, shell=shell, env={**live.env, **req.env} or None, cwd=req.cwd, timeout=req.timeout, pty=pty,
             background=req.background, stdin=req.stdin is not None,
         )
         if req.stdin is not None:

@@ -201,5 +201,17 @@ class RemoteBackend:
         host = urlsplit(self._url).hostname
         return f"ssh -p {info['port']} {sandbox_id}@{host}"
 
+    # Warm pools (admin key): plain JSON; the CLI's `sealbox pool` uses these.
+    async def pools(self) -> builtins.list[dict[str, Any]]:
+        data: builtins.list[dict[str, Any]] = await self._json("GET", "/v1/pools")
+        return data
+
+    async def set_pool(self, config: dict[str, Any]) -> dict[str, Any]:
+        data: dict[str, Any] = await self._json("PUT", "/v1/pools", json=config)
+        return data
+
+    async def remove_pool(self, template: str, runtime: str) -> None:
+        await self._json("DELETE", f"/v1/pools/{template}/{runtime}")
+
     async def close(self) -> None:
         await self._http.aclose()

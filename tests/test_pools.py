@@ -1,0 +1,287 @@
+"""Warm pools: never the same sandbox twice, each claimant's own secrets and policy, refill,
+the capacity cap, a server restart, and bad input (CLI and API)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sealbox._sys import cgroups, netns
+from sealbox.egress.gateway import ResolvePin
+from sealbox.egress.secrets import SecretSpec
+from sealbox.engine.config import RUN_ROOT, EngineConfig
+from sealbox.engine.engine import Engine, netns_name
+from sealbox.engine.pools import POOL_LABEL, PoolConfig, PoolStatus
+from sealbox.engine.spec import ExecRequest, SandboxSpec
+from sealbox.errors import CapacityError, ConfigError
+from support import upstream as fake_upstream
+from support.server import ADMIN_KEY, start_server
+
+SEALBOX = str(Path(sys.executable).parent / "sealbox")
+READY_DEADLINE = 120.0
+"""Generous: only a bound on waiting for a refill, never a measured claim."""
+
+
+async def wait_ready(engine: Engine, key: str, ready: int) -> PoolStatus:
+    deadline = time.monotonic() + READY_DEADLINE
+    while True:
+        status = next(p for p in engine.pools.list() if p.key == key)
+        if status.ready == ready and status.booting == 0:
+            return status
+        assert time.monotonic() < deadline, f"pool {key} never reached {ready} ready: {status}"
+        await asyncio.sleep(0.05)
+
+
+def was_pooled(engine: Engine, sandbox_id: str) -> bool:
+    created = [e for e in engine.logs(sandbox_id) if e.get("kind") == "created"]
+    return bool(created) and bool(created[0].get("pooled"))
+
+
+async def sh(engine: Engine, sandbox_id: str, cmd: str) -> tuple[int | None, str]:
+    r = await engine.run(sandbox_id, ExecRequest(cmd=cmd, timeout=60))
+    return r.exit_code, r.stdout + r.stderr
+
+
+def gone(sandbox_id: str) -> list[str]:
+    left = []
+    if netns_name(sandbox_id) in netns.list_names("sealbox-"):
+        left.append("netns")
+    if cgroups.Cgroup(sandbox_id).exists():
+        left.append("cgroup")
+    if (RUN_ROOT / sandbox_id).exists():
+        left.append("run dir")
+    return left
+
+
+async def test_pool_never_hands_out_a_used_sandbox(engine: Engine) -> None:
+    await engine.pools.set(PoolConfig(runtime="namespace", size=2))
+    await wait_ready(engine, "base/namespace", 2)
+    seen: list[str] = []
+    for _ in range(5):
+        info = await engine.create(SandboxSpec(runtime="namespace"))
+        assert was_pooled(engine, info.id)
+        assert POOL_LABEL not in info.metadata
+        assert info.id not in seen
+        seen.append(info.id)
+        # No earlier claimant's marker, in any writable place.
+        code, out = await sh(engine, info.id, "ls -A /workspace /tmp; test ! -e /tmp/marker "
+                             "&& test ! -e /workspace/marker")
+        assert code == 0, out
+        assert "marker" not in out
+        code, _ = await sh(engine, info.id, "echo used > /tmp/marker; echo used > /workspace/marker")
+        assert code == 0
+        await engine.kill(info.id)
+        assert gone(info.id) == []
+        await wait_ready(engine, "base/namespace", 2)  # refill returns the pool to its size
+    # Every idle member is fresh too, and none of them was handed out before.
+    idle = [i.id for i in engine.list() if i.metadata.get(POOL_LABEL) == "base/namespace"]
+    assert len(idle) == 2 and not set(idle) & set(seen)
+
+
+async def test_killed_idle_member_is_replaced_and_never_claimed(engine: Engine) -> None:
+    await engine.pools.set(PoolConfig(runtime="namespace", size=1))
+    await wait_ready(engine, "base/namespace", 1)
+    (member,) = [i.id for i in engine.list() if i.metadata.get(POOL_LABEL)]
+    await engine.kill(member)  # died while idle
+    await wait_ready(engine, "base/namespace", 1)
+    info = await engine.create(SandboxSpec(runtime="namespace"))
+    assert info.id != member
+    assert was_pooled(engine, info.id)
+    await engine.kill(info.id)
+
+
+@pytest.fixture
+async def egress_engine(data_dir: Path, tmp_path: Path) -> AsyncIterator[
+        tuple[Engine, fake_upstream.EchoServer]]:
+    ca = fake_upstream.TestCA.create(tmp_path)
+    upstream = fake_upstream.EchoServer(tls=ca.server_context(tmp_path, ["a.test", "b.test"]))
+    pins = [ResolvePin(h, 443, "127.0.0.1", upstream.port) for h in ("a.test", "b.test")]
+    eng = Engine(EngineConfig(data_dir=data_dir, resolve=pins, upstream_ca=[ca.cert_path]))
+    await eng.start()
+    try:
+        yield eng, upstream
+    finally:
+        await eng.close()
+        upstream.close()
+
+
+CURL = "curl -sS --max-time 20 -o /dev/null -w '%{http_code}' "
+
+
+async def test_each_claimant_gets_its_own_secrets_and_policy(
+        egress_engine: tuple[Engine, fake_upstream.EchoServer]) -> None:
+    engine, upstream = egress_engine
+    await engine.pools.set(PoolConfig(runtime="namespace", size=2))
+    await wait_ready(engine, "base/namespace", 2)
+    a = await engine.create(SandboxSpec(
+        runtime="namespace", allow_net=["a.test"], env={"WHO": "a"},
+        secrets={"KEY": SecretSpec(value="value-of-a-0123456789", hosts=["a.test"])}))
+    b = await engine.create(SandboxSpec(
+        runtime="namespace", allow_net=["b.test"], env={"WHO": "b"},
+        secrets={"KEY": SecretSpec(value="value-of-b-9876543210", hosts=["b.test"])}))
+    try:
+        assert was_pooled(engine, a.id) and was_pooled(engine, b.id)
+        pa, pb = a.secrets["KEY"].placeholder, b.secrets["KEY"].placeholder
+        assert pa and pb and pa != pb
+        # Each sees its own placeholder and env; no real value anywhere in its environment.
+        code, out = await sh(engine, a.id, "echo $WHO $KEY; cat /proc/self/environ | tr '\\0' '\\n'")
+        assert code == 0 and out.startswith(f"a {pa}\n") and "value-of" not in out, out
+        code, out = await sh(engine, b.id, "echo $WHO $KEY")
+        assert (code, out) == (0, f"b {pb}\n")
+        # A's placeholder is swapped for A's value on A's host.
+        code, out = await sh(engine, a.id, CURL + '-H "Authorization: Bearer $KEY" https://a.test/x')
+        assert (code, out) == (0, "200"), out
+        got = {k.lower(): v for k, v in upstream.received[-1].headers.items()}
+        assert got["authorization"] == "Bearer value-of-a-0123456789"
+        # B's placeholder for B's host, likewise; A's placeholder sent by B stays a string.
+        code, out = await sh(engine, b.id, CURL + f'-H "Authorization: Bearer $KEY" '
+                             f'-H "X-Other: {pa}" https://b.test/y')
+        assert (code, out) == (0, "200"), out
+        got = {k.lower(): v for k, v in upstream.received[-1].headers.items()}
+        assert got["authorization"] == "Bearer value-of-b-9876543210"
+        assert got["x-other"] == pa
+        # A host allowed for A is blocked for B (and the other way round).
+        before = len(upstream.received)
+        code, out = await sh(engine, b.id, CURL + "https://a.test/z")
+        assert out != "200", out
+        code, out = await sh(engine, a.id, CURL + "https://b.test/z")
+        assert out != "200", out
+        assert len(upstream.received) == before
+        # The audit log of A never holds B's value and vice versa.
+        assert "value-of" not in json.dumps(engine.egress_log(a.id) + engine.egress_log(b.id))
+    finally:
+        await engine.kill(a.id)
+        await engine.kill(b.id)
+
+
+async def test_max_sandboxes_is_respected(data_dir: Path) -> None:
+    engine = Engine(EngineConfig(data_dir=data_dir, max_sandboxes=2))
+    await engine.start()
+    try:
+        await engine.pools.set(PoolConfig(runtime="namespace", size=3))
+        await wait_ready(engine, "base/namespace", 2)  # never 3: the cap counts pool members
+        assert len(engine.list()) == 2
+        first = await engine.create(SandboxSpec(runtime="namespace"))
+        await wait_ready(engine, "base/namespace", 1)
+        # Limits that no pool matches: an idle member is evicted to make room for it.
+        second = await engine.create(SandboxSpec(runtime="namespace", pids=64))
+        assert not was_pooled(engine, second.id)
+        assert len(engine.list()) == 2
+        with pytest.raises(CapacityError, match="at most 2 sandboxes"):
+            await engine.create(SandboxSpec(runtime="namespace"))
+        assert len(engine.list()) == 2
+        await engine.kill(first.id)
+        await wait_ready(engine, "base/namespace", 1)
+        assert len(engine.list()) == 2
+    finally:
+        await engine.close()
+
+
+async def test_pool_bad_input(engine: Engine) -> None:
+    with pytest.raises(ValueError):
+        PoolConfig(size=-1)
+    with pytest.raises(ValueError):
+        PoolConfig.model_validate({"size": 1, "runtime": "docker"})
+    with pytest.raises(ConfigError, match="unknown template"):
+        await engine.pools.set(PoolConfig(template="no-such-template", size=1))
+    assert engine.pools.list() == []
+
+
+def sealbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SEALBOX, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def _wait_http_ready(url: str, auth: dict[str, str], ready: int) -> list[dict[str, object]]:
+    deadline = time.monotonic() + READY_DEADLINE
+    while True:
+        pools = httpx.get(f"{url}/v1/pools", headers=auth).json()
+        if pools and pools[0]["ready"] == ready and pools[0]["booting"] == 0:
+            return list(pools)
+        assert time.monotonic() < deadline, pools
+        time.sleep(0.1)
+
+
+def test_server_pools_cli_api_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server = start_server(data)
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    env = {"SEALBOX_URL": server.url, "SEALBOX_API_KEY": ADMIN_KEY}
+    old: list[str] = []
+    restarted = None
+    try:
+        # Bad input: one clear line from the CLI, a 400 from the API.
+        for args, needle in ((["--size", "-1"], "size"), (["--size", "1", "--runtime", "docker"],
+                             "runtime"), (["nope-template", "--size", "1"], "unknown template")):
+            r = sealbox("pool", "set", *args, env=env)
+            assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r
+        for body in ({"size": -1}, {"size": 1, "runtime": "docker"},
+                     {"size": 1, "template": "nope-template"}, {"size": 1, "surprise": 1}):
+            resp = httpx.put(f"{server.url}/v1/pools", json=body, headers=auth)
+            assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid", resp.text
+        key = httpx.post(f"{server.url}/v1/keys", json={"tenant": "alice"}, headers=auth)
+        alice = {"Authorization": f"Bearer {key.json()['key']}"}
+        assert httpx.get(f"{server.url}/v1/pools", headers=alice).status_code == 403
+        assert httpx.put(f"{server.url}/v1/pools", json={"size": 1},
+                         headers=alice).status_code == 403
+
+        r = sealbox("pool", "set", "--size", "2", "--runtime", "namespace", env=env)
+        assert r.returncode == 0 and "base/namespace" in r.stdout, r
+        _wait_http_ready(server.url, auth, 2)
+        r = sealbox("pool", "ls", env=env)
+        assert r.returncode == 0 and "base/namespace" in r.stdout, r
+        # Tenants never see unclaimed members; the admin does.
+        assert httpx.get(f"{server.url}/v1/sandboxes", headers=alice).json() == []
+        old = [i["id"] for i in httpx.get(f"{server.url}/v1/sandboxes", headers=auth).json()]
+        assert len(old) == 2
+        # A tenant's create claims one and sees only its own.
+        resp = httpx.post(f"{server.url}/v1/sandboxes", json={"runtime": "namespace"},
+                          headers=alice, timeout=60)
+        assert resp.status_code == 201, resp.text
+        claimed = resp.json()["id"]
+        assert claimed in old
+        assert [i["id"] for i in httpx.get(f"{server.url}/v1/sandboxes",
+                                           headers=alice).json()] == [claimed]
+        _wait_http_ready(server.url, auth, 2)
+        old = [i["id"] for i in httpx.get(f"{server.url}/v1/sandboxes", headers=auth).json()]
+
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        restarted = start_server(data)
+        pools = _wait_http_ready(restarted.url, auth, 2)  # the pool came back from the store
+        assert pools[0]["key"] == "base/namespace" and pools[0]["size"] == 2
+        for sid in old:
+            assert gone(sid) == [], sid
+            assert httpx.get(f"{restarted.url}/v1/sandboxes/{sid}",
+                             headers=auth).json()["state"] == "killed"
+        new = [i["id"] for i in httpx.get(f"{restarted.url}/v1/sandboxes", headers=auth).json()]
+        assert len(new) == 2 and not set(new) & set(old)
+        env["SEALBOX_URL"] = restarted.url
+        r = sealbox("pool", "rm", "--runtime", "namespace", env=env)
+        assert r.returncode == 0, r
+        assert httpx.get(f"{restarted.url}/v1/pools", headers=auth).json() == []
+        for sid in new:
+            assert gone(sid) == [], sid
+        r = sealbox("pool", "rm", "--runtime", "namespace", env=env)
+        assert r.returncode == 1 and "no pool" in r.stderr, r
+        r = sealbox("pool", "set", "--size", "1", "--runtime", "namespace", env=env)
+        assert r.returncode == 0, r
+        _wait_http_ready(restarted.url, auth, 1)
+        new = [i["id"] for i in httpx.get(f"{restarted.url}/v1/sandboxes", headers=auth).json()]
+    finally:
+        if restarted is not None:
+            assert restarted.stop()
+        else:
+            server.stop()
+    for sid in old + new:
+        assert gone(sid) == [], sid
