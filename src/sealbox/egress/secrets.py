@@ -253,16 +253,22 @@ class StreamReplacer:
         self._targets = sorted(targets, key=len, reverse=True)
         self._pattern = (re.compile(b"|".join(re.escape(t) for t in self._targets))
                          if self._targets else None)
+        # Where a held-back tail could begin: only at a byte some target starts with.
+        self._starts = (re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in
+                                                   {t[0] for t in self._targets if t}) + b"]")
+                        if self._targets else None)
         self._replace = replace
         self._tail = b""
 
     def _partial(self, buf: bytes, start: int) -> int:
         """Length of the longest suffix of BUF[START:] that a target starts with."""
-        longest = len(self._targets[0]) - 1 if self._targets else 0
-        for k in range(min(longest, len(buf) - start), 0, -1):
-            suffix = buf[len(buf) - k:]
+        if self._starts is None:
+            return 0
+        longest = len(self._targets[0]) - 1
+        for m in self._starts.finditer(buf, max(start, len(buf) - longest)):
+            suffix = buf[m.start():]
             if any(t.startswith(suffix) for t in self._targets):
-                return k
+                return len(suffix)
         return 0
 
     def feed(self, data: bytes) -> bytes:
