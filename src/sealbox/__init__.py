@@ -1,10 +1,12 @@
 """sealbox: self-hosted sandboxes for agent code; real credentials never enter the sandbox."""
 
-from sealbox.engine.spec import ExecResult, SandboxInfo, SandboxState
+from sealbox.engine.spec import ExecResult, SandboxInfo, SandboxState, VolumeMount
+from sealbox.engine.volumes import VolumeInfo
 from sealbox.errors import (
     AuthError,
     CommandError,
     ConfigError,
+    ConflictError,
     EgressError,
     LimitExceeded,
     NotFoundError,
@@ -14,15 +16,17 @@ from sealbox.errors import (
     SealboxError,
     ServerError,
 )
-from sealbox.sdk.async_sandbox import AsyncSandbox
+from sealbox.sdk.async_sandbox import AsyncSandbox, AsyncVolume
 from sealbox.sdk.secret import Secret
-from sealbox.sdk.sync_sandbox import Sandbox
+from sealbox.sdk.sync_sandbox import Sandbox, Volume
 
 __all__ = [
     "AsyncSandbox",
+    "AsyncVolume",
     "AuthError",
     "CommandError",
     "ConfigError",
+    "ConflictError",
     "EgressError",
     "ExecResult",
     "LimitExceeded",
@@ -36,4 +40,7 @@ __all__ = [
     "SealboxError",
     "Secret",
     "ServerError",
+    "Volume",
+    "VolumeInfo",
+    "VolumeMount",
 ]

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from sealbox.egress.gateway import ResolvePin
+from sealbox.engine.spec import VolumeMount
 from sealbox.errors import ConfigError, SealboxError
 from sealbox.sdk.secret import Secret
 
@@ -101,6 +102,12 @@ ResolveOpt = Annotated[list[str] | None, typer.Option(
 UpstreamCaOpt = Annotated[list[Path] | None, typer.Option(
     "--upstream-ca", help="extra CA file the gateway trusts for upstream TLS")]
 DiskOpt = Annotated[str | None, typer.Option(help="size of /workspace and /tmp, e.g. 1GiB")]
+VolumeOpt = Annotated[list[str] | None, typer.Option(
+    "--volume", help="NAME:/path[:ro] mounts a volume (repeatable; `sealbox volume create`)")]
+
+
+def parse_volumes(items: list[str] | None) -> list[VolumeMount]:
+    return [VolumeMount.parse(item) for item in items or []]
 
 
 def sandbox_spec_fields(runtime: str, allow_net: list[str] | None, secret: list[str] | None,

@@ -6,6 +6,7 @@ import typer
 
 from sealbox.cli.doctor import doctor
 from sealbox.cli.exec import exec_, shell
+from sealbox.cli.pause import pause, resume
 from sealbox.cli.files import cp
 from sealbox.cli.policy import policy_app
 from sealbox.cli.pools import pool_app
@@ -13,6 +14,7 @@ from sealbox.cli.reach import code, expose, ssh_key_app
 from sealbox.cli.run import run
 from sealbox.cli.sandboxes import create, egress, kill, logs, ls
 from sealbox.cli.server import server
+from sealbox.cli.volumes import volume_app
 
 app = typer.Typer(
     name="sealbox", no_args_is_help=True, add_completion=False,
@@ -26,6 +28,8 @@ app.command()(create)
 app.command()(ls)
 app.command("exec", context_settings={"allow_interspersed_args": False})(exec_)
 app.command()(kill)
+app.command()(pause)
+app.command()(resume)
 app.command()(cp)
 app.command()(shell)
 app.command()(logs)
@@ -35,6 +39,7 @@ app.command()(code)
 app.add_typer(ssh_key_app, name="ssh-key")
 app.add_typer(policy_app, name="policy")
 app.add_typer(pool_app, name="pool")
+app.add_typer(volume_app, name="volume")
 
 
 def main() -> None:

@@ -19,9 +19,11 @@ from sealbox.cli.common import (
     SecretOpt,
     TimeoutOpt,
     UpstreamCaOpt,
+    VolumeOpt,
     err_console,
     parse_cas,
     parse_pins,
+    parse_volumes,
     run_async,
     sandbox_spec_fields,
     write_out,
@@ -41,6 +43,7 @@ def run(
     memory: MemoryOpt = None, pids: PidsOpt = None, disk: DiskOpt = None,
     resolve: ResolveOpt = None, upstream_ca: UpstreamCaOpt = None,
     workspace: Annotated[Path | None, typer.Option(help="host dir mounted at /workspace")] = None,
+    volume: VolumeOpt = None,
 ) -> None:
     """Run CMD in a fresh sandbox; stream its output; exit with its code; leave nothing behind."""
 
@@ -48,7 +51,7 @@ def run(
         spec = make_spec(
             **sandbox_spec_fields(runtime, allow_net, secret, env, timeout, cpus, memory, pids,
                                   disk),
-            workspace=str(workspace) if workspace else None,
+            workspace=str(workspace) if workspace else None, volumes=parse_volumes(volume),
         )
         backend = EmbeddedBackend(EngineConfig(
             resolve=parse_pins(resolve or []), upstream_ca=parse_cas(upstream_ca or []),

@@ -19,6 +19,8 @@ from sealbox.cli.common import (
     RuntimeOpt,
     SecretOpt,
     TimeoutOpt,
+    VolumeOpt,
+    parse_volumes,
     run_async,
     sandbox_spec_fields,
     server_url,
@@ -38,12 +40,13 @@ def create(
     runtime: RuntimeOpt = "auto", allow_net: AllowNetOpt = None, secret: SecretOpt = None,
     env: EnvOpt = None, timeout: TimeoutOpt = "30m", cpus: CpusOpt = None,
     memory: MemoryOpt = None, pids: PidsOpt = None, disk: DiskOpt = None,
+    volume: VolumeOpt = None,
 ) -> None:
     """Create a sandbox on the server; prints its id as the last word."""
 
     async def main() -> None:
         spec = make_spec(**sandbox_spec_fields(runtime, allow_net, secret, env, timeout, cpus,
-                                               memory, pids, disk))
+                                               memory, pids, disk), volumes=parse_volumes(volume))
         url, key = server_url()
         backend = RemoteBackend(url, key)
         try:

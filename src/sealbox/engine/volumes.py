@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sealbox._sys import volumes as sysvol
 from sealbox.engine.spec import VOLUME_NAME, VolumeMount, check_volume_name
@@ -261,3 +261,13 @@ def volume_uid(runtime: str, sandbox_id: str, workspace: Path | None) -> int:
         return workspace.stat().st_uid if workspace is not None else host_uid_for(sandbox_id)
     # gVisor's gofer creates files as the uid seen inside (the sandbox user).
     return SANDBOX_UID
+
+
+def make_volume_request(name: str, size: int | str) -> VolumeCreate:
+    """A validated create request; bad input is a ConfigError naming what to fix."""
+    check_volume_name(name)
+    try:
+        return VolumeCreate.model_validate({"name": name, "size": size})
+    except ValidationError as exc:
+        msg = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise ConfigError(f"invalid volume: {msg}") from None

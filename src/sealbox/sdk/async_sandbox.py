@@ -5,13 +5,21 @@ from __future__ import annotations
 import builtins
 
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 
 from pydantic import ValidationError
 
-from sealbox.engine.spec import ExecRequest, ExecResult, RuntimeName, SandboxInfo, SandboxSpec
+from sealbox.engine.spec import (
+    ExecRequest,
+    ExecResult,
+    RuntimeName,
+    SandboxInfo,
+    SandboxSpec,
+    VolumeMount,
+)
+from sealbox.engine.volumes import VolumeInfo
 from sealbox.errors import CommandError, ConfigError
 from sealbox.guest.client import FileInfo, Output
 from sealbox.sdk.backend import Backend, PtySession
@@ -43,6 +51,24 @@ def make_spec(**fields: Any) -> SandboxSpec:
         return SandboxSpec(**{k: v for k, v in fields.items() if v is not None or k == "timeout"})
     except ValidationError as exc:
         raise ConfigError(f"invalid sandbox options: {validation_message(exc)}") from None
+
+
+VolumesArg = Mapping[str, str] | Sequence[VolumeMount] | None
+"""`{"/cache": "cache"}` (mount path -> volume name, as Modal writes it), `{"cache": "/cache"}`
+(name -> path; mount paths are absolute and names never contain "/", so both read unambiguously),
+or a list of `VolumeMount` (for read-only mounts)."""
+
+
+def make_volumes(volumes: VolumesArg) -> builtins.list[dict[str, Any]]:
+    if not volumes:
+        return []
+    if isinstance(volumes, Mapping):
+        out = []
+        for key, value in volumes.items():
+            path, name = (key, value) if key.startswith("/") else (value, key)
+            out.append({"name": name, "path": path, "read_only": False})
+        return out
+    return [v.model_dump() if isinstance(v, VolumeMount) else dict(v) for v in volumes]
 
 
 def make_exec(cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
@@ -101,6 +127,22 @@ class AsyncFiles:
         await self._sb._backend.rename(self._sb.id, src, dst)
 
 
+class _Resume:
+    """`resume` both ways: on the class it resumes a sandbox by id and returns a handle (as
+    E2B's `Sandbox.resume(id)`); on a handle it resumes that sandbox."""
+
+    @overload
+    def __get__(self, obj: None, owner: type[AsyncSandbox]
+                ) -> Callable[..., Coroutine[Any, Any, AsyncSandbox]]: ...
+
+    @overload
+    def __get__(self, obj: AsyncSandbox, owner: type[AsyncSandbox]
+                ) -> Callable[[], Coroutine[Any, Any, SandboxInfo]]: ...
+
+    def __get__(self, obj: AsyncSandbox | None, owner: type[AsyncSandbox]) -> Callable[..., Any]:
+        return owner._resume_id if obj is None else obj._resume_self
+
+
 class AsyncSandbox:
     """A running sandbox. Create with `await AsyncSandbox.create(...)`; use as a context manager
     so it is killed when the block ends."""
@@ -121,12 +163,12 @@ class AsyncSandbox:
         timeout: float | str | None = 1800, cpus: float | None = None,
         memory: int | str | None = None, pids: int | None = None, disk: int | str | None = None,
         workspace: str | None = None, metadata: Mapping[str, str] | None = None,
-        url: str | None = None, api_key: str | None = None,
+        volumes: VolumesArg = None, url: str | None = None, api_key: str | None = None,
     ) -> AsyncSandbox:
         spec = make_spec(
             runtime=runtime, allow_net=list(allow_net or []), secrets=dict(secrets or {}),
             env=dict(env or {}), timeout=timeout, cpus=cpus, memory=memory, pids=pids, disk=disk,
-            workspace=workspace, metadata=dict(metadata or {}),
+            workspace=workspace, metadata=dict(metadata or {}), volumes=make_volumes(volumes),
         )
         backend = _backend(url, api_key)
         return cls(await backend.create(spec), backend)
@@ -199,12 +241,28 @@ class AsyncSandbox:
         return await self._backend.ssh_command(self.id)
 
     async def pause(self) -> SandboxInfo:
+        """Freeze the sandbox: no CPU, and its timeout clock stops. It survives a server
+        restart (with only its /workspace files, unless the tier could keep processes)."""
         self.info = await self._backend.pause(self.id)
         return self.info
 
-    async def resume(self) -> SandboxInfo:
+    async def _resume_self(self) -> SandboxInfo:
         self.info = await self._backend.resume(self.id)
         return self.info
+
+    @classmethod
+    async def _resume_id(cls, sandbox_id: str, *, url: str | None = None,
+                         api_key: str | None = None) -> AsyncSandbox:
+        backend = _backend(url, api_key)
+        try:
+            return cls(await backend.resume(sandbox_id), backend)
+        except BaseException:
+            await backend.close()
+            raise
+
+    resume = _Resume()
+    """`await sb.resume()` -> SandboxInfo, or `await AsyncSandbox.resume(id)` -> a handle.
+    `info.resumed_processes` says whether processes came back (see `info.resume_note`)."""
 
     async def kill(self) -> SandboxInfo:
         self.info = await self._backend.kill(self.id)
@@ -227,3 +285,42 @@ class AsyncSandbox:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
+
+
+class AsyncVolume:
+    """Named persistent volumes (the same calls embedded or against a server)."""
+
+    @staticmethod
+    async def create(name: str, size: int | str = "1GiB", *, url: str | None = None,
+                     api_key: str | None = None) -> VolumeInfo:
+        backend = _backend(url, api_key)
+        try:
+            return await backend.create_volume(name, size)
+        finally:
+            await backend.close()
+
+    @staticmethod
+    async def get(name: str, *, url: str | None = None, api_key: str | None = None) -> VolumeInfo:
+        backend = _backend(url, api_key)
+        try:
+            return await backend.get_volume(name)
+        finally:
+            await backend.close()
+
+    @staticmethod
+    async def list(*, url: str | None = None, api_key: str | None = None
+                   ) -> builtins.list[VolumeInfo]:
+        backend = _backend(url, api_key)
+        try:
+            return await backend.list_volumes()
+        finally:
+            await backend.close()
+
+    @staticmethod
+    async def delete(name: str, *, url: str | None = None, api_key: str | None = None
+                     ) -> VolumeInfo:
+        backend = _backend(url, api_key)
+        try:
+            return await backend.delete_volume(name)
+        finally:
+            await backend.close()

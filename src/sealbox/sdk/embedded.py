@@ -11,6 +11,7 @@ from typing import Any
 from sealbox.engine.config import EngineConfig
 from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, ExecResult, SandboxInfo, SandboxSpec
+from sealbox.engine.volumes import VolumeInfo, make_volume_request
 from sealbox.errors import ConfigError
 from sealbox.guest.client import ExecHandle, ExitStatus, FileInfo, Output
 
@@ -140,6 +141,19 @@ class EmbeddedBackend:
 
     async def ssh_command(self, sandbox_id: str) -> str:
         raise ConfigError(_NEEDS_SERVER)
+
+    async def create_volume(self, name: str, size: int | str) -> VolumeInfo:
+        req = make_volume_request(name, size)
+        return await asyncio.to_thread((await self._engine()).volumes.create, req)
+
+    async def list_volumes(self) -> builtins.list[VolumeInfo]:
+        return await asyncio.to_thread((await self._engine()).volumes.list)
+
+    async def get_volume(self, name: str) -> VolumeInfo:
+        return await asyncio.to_thread((await self._engine()).volumes.get, name)
+
+    async def delete_volume(self, name: str) -> VolumeInfo:
+        return await asyncio.to_thread((await self._engine()).volumes.delete, name)
 
     async def close(self) -> None:
         """The shared engine outlives one sandbox; it is closed with the loop (see sync.py)."""

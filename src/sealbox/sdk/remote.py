@@ -8,13 +8,14 @@ import base64
 import json
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from sealbox.engine.spec import ExecRequest, ExecResult, SandboxInfo, SandboxSpec
+from sealbox.engine.volumes import VolumeInfo, make_volume_request
 from sealbox.errors import AuthError, ConfigError, ServerError, from_code
 from sealbox.guest.client import FileInfo, Output
 
@@ -212,6 +213,20 @@ class RemoteBackend:
 
     async def remove_pool(self, template: str, runtime: str) -> None:
         await self._json("DELETE", f"/v1/pools/{template}/{runtime}")
+
+    async def create_volume(self, name: str, size: int | str) -> VolumeInfo:
+        body = make_volume_request(name, size).model_dump(mode="json")
+        return VolumeInfo.model_validate(await self._json("POST", "/v1/volumes", json=body))
+
+    async def list_volumes(self) -> builtins.list[VolumeInfo]:
+        return [VolumeInfo.model_validate(d) for d in await self._json("GET", "/v1/volumes")]
+
+    async def get_volume(self, name: str) -> VolumeInfo:
+        return VolumeInfo.model_validate(await self._json("GET", f"/v1/volumes/{quote(name)}"))
+
+    async def delete_volume(self, name: str) -> VolumeInfo:
+        return VolumeInfo.model_validate(await self._json("DELETE",
+                                                          f"/v1/volumes/{quote(name)}"))
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import builtins
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 
 from sealbox.engine.spec import ExecResult, RuntimeName, SandboxInfo
 from sealbox.guest.client import FileInfo, Output
-from sealbox.sdk.async_sandbox import AsyncFiles, AsyncSandbox
+from sealbox.engine.volumes import VolumeInfo
+from sealbox.sdk.async_sandbox import AsyncFiles, AsyncSandbox, AsyncVolume, VolumesArg
 from sealbox.sdk.backend import PtySession
 from sealbox.sdk.portal import portal
 from sealbox.sdk.secret import Secret
@@ -72,6 +73,38 @@ class Files:
         portal().call(self._f.rename(src, dst))
 
 
+class _Resume:
+    @overload
+    def __get__(self, obj: None, owner: type[Sandbox]) -> Callable[..., Sandbox]: ...
+
+    @overload
+    def __get__(self, obj: Sandbox, owner: type[Sandbox]) -> Callable[[], SandboxInfo]: ...
+
+    def __get__(self, obj: Sandbox | None, owner: type[Sandbox]) -> Callable[..., Any]:
+        return owner._resume_id if obj is None else obj._resume_self
+
+
+class Volume:
+    """Named persistent volumes: `Volume.create("cache", "1GiB")`, `Volume.list()`, ..."""
+
+    @staticmethod
+    def create(name: str, size: int | str = "1GiB", *, url: str | None = None,
+               api_key: str | None = None) -> VolumeInfo:
+        return portal().call(AsyncVolume.create(name, size, url=url, api_key=api_key))
+
+    @staticmethod
+    def get(name: str, *, url: str | None = None, api_key: str | None = None) -> VolumeInfo:
+        return portal().call(AsyncVolume.get(name, url=url, api_key=api_key))
+
+    @staticmethod
+    def list(*, url: str | None = None, api_key: str | None = None) -> builtins.list[VolumeInfo]:
+        return portal().call(AsyncVolume.list(url=url, api_key=api_key))
+
+    @staticmethod
+    def delete(name: str, *, url: str | None = None, api_key: str | None = None) -> VolumeInfo:
+        return portal().call(AsyncVolume.delete(name, url=url, api_key=api_key))
+
+
 class Sandbox:
     """A running sandbox (synchronous API). `with Sandbox.create(...) as sb:` kills it at the end."""
 
@@ -94,12 +127,12 @@ class Sandbox:
         timeout: float | str | None = 1800, cpus: float | None = None,
         memory: int | str | None = None, pids: int | None = None, disk: int | str | None = None,
         workspace: str | None = None, metadata: Mapping[str, str] | None = None,
-        url: str | None = None, api_key: str | None = None,
+        volumes: VolumesArg = None, url: str | None = None, api_key: str | None = None,
     ) -> Sandbox:
         return cls(portal().call(AsyncSandbox.create(
             runtime=runtime, allow_net=allow_net, secrets=secrets, env=env, timeout=timeout,
             cpus=cpus, memory=memory, pids=pids, disk=disk, workspace=workspace,
-            metadata=metadata, url=url, api_key=api_key,
+            metadata=metadata, volumes=volumes, url=url, api_key=api_key,
         )))
 
     @classmethod
@@ -150,8 +183,16 @@ class Sandbox:
     def pause(self) -> SandboxInfo:
         return portal().call(self._a.pause())
 
-    def resume(self) -> SandboxInfo:
+    def _resume_self(self) -> SandboxInfo:
         return portal().call(self._a.resume())
+
+    @classmethod
+    def _resume_id(cls, sandbox_id: str, *, url: str | None = None,
+                   api_key: str | None = None) -> Sandbox:
+        return cls(portal().call(AsyncSandbox.resume(sandbox_id, url=url, api_key=api_key)))
+
+    resume = _Resume()
+    """`sb.resume()` -> SandboxInfo, or `Sandbox.resume(id)` -> a handle."""
 
     def kill(self) -> SandboxInfo:
         return portal().call(self._a.kill())
