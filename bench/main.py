@@ -38,6 +38,7 @@ from sealbox.egress.gateway import ResolvePin  # noqa: E402
 from sealbox.egress.secrets import SecretSpec  # noqa: E402
 from sealbox.engine.config import EngineConfig  # noqa: E402
 from sealbox.engine.engine import Engine  # noqa: E402
+from sealbox.engine.pools import PoolConfig  # noqa: E402
 from sealbox.engine.spec import ExecRequest, ExecResult, SandboxSpec  # noqa: E402
 from sealbox.runtimes import registry  # noqa: E402
 from sealbox.runtimes.microvm_snapshot import SNAPSHOT_ENV  # noqa: E402
@@ -85,6 +86,10 @@ class Row:
         return pct(self.samples, 95)
 
     @property
+    def p99(self) -> float:
+        return pct(self.samples, 99)
+
+    @property
     def base_p50(self) -> float:
         return pct(self.baseline, 50)
 
@@ -98,7 +103,7 @@ class Row:
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(n=len(self.samples), p50=self.p50, p95=self.p95,
+        d.update(n=len(self.samples), p50=self.p50, p95=self.p95, p99=self.p99,
                  baseline_p50=self.base_p50, baseline_p95=pct(self.baseline, 95),
                  ratio=self.ratio)
         return d
@@ -126,13 +131,16 @@ def fmt(v: float, unit: str) -> str:
         return f"{v / 2**20:.1f} MiB"
     if unit == "B/s":
         return f"{v / 1e6:.1f} MB/s"
+    if unit == "/s":
+        return f"{v:.1f}/s"
     return f"{v:g} {unit}"
 
 
 def table(rows: list[Row]) -> str:
-    head = ["benchmark", "tier", "n", "p50", "p95", "baseline", "baseline p50", "ratio",
+    head = ["benchmark", "tier", "n", "p50", "p95", "p99", "baseline", "baseline p50", "ratio",
             "target", "status"]
     body = [[r.bench, r.tier, str(len(r.samples)), fmt(r.p50, r.unit), fmt(r.p95, r.unit),
+             fmt(r.p99, r.unit),
              r.baseline_name, fmt(r.base_p50, r.unit),
              "-" if math.isnan(r.ratio) else f"x{r.ratio:.2f}", r.target or "-",
              r.status or "-"] for r in rows]
@@ -234,7 +242,7 @@ def host_info() -> dict[str, Any]:
         "cgroup": "v2" if cgroups.is_v2() else "v1",
         "bwrap": out("bwrap", "--version"), "runsc": out("runsc", "--version"),
         "qemu": out("qemu-system-x86_64", "--version"), "curl": out("curl", "--version"),
-        "tiers": {n: {"ok": p.ok, "emulated": p.emulated, "detail": p.detail}
+        "tiers": {n: {"ok": p.ok, "auto_skip": p.auto_skip, "detail": p.detail}
                   for n, p in registry.probes().items()},
     }
 
@@ -258,6 +266,8 @@ class Bench:
         self.server = server
         self.s = settings
         self.report = report
+        self.cold: dict[str, list[float]] = {}
+        """Cold create → first exec samples per tier (the start benchmark's), for comparisons."""
 
     async def _run(self, sid: str, cmd: list[str] | str, check: bool = True) -> ExecResult:
         r = await self.engine.run(sid, ExecRequest(cmd=cmd, timeout=600))
@@ -295,6 +305,7 @@ class Bench:
         samples, base, breakdown = await self._start_samples(tier, n, bare)
         note = "; ".join(filter(None, [note, "p50 phases: " + ", ".join(
             f"{k} {v * 1000:.0f} ms" for k, v in breakdown.items())]))
+        self.cold[tier] = samples
         if tier in ("gvisor", "microvm"):
             status = "PASS" if pct(samples, 50) < (0.3 if tier == "gvisor" else 1.0) else "MISS"
         self.report.add(Row("start → first exec", tier, "s", samples, name, base,
@@ -461,6 +472,188 @@ class Bench:
             higher_is_better=True, note="ratio = host speed / sandbox speed"))
 
 
+    # 6. create -> first exec from a warm pool
+    async def pool_start(self, tier: str) -> None:
+        n = self.s.reps(tier, 30, 10, 5)
+        size = 2
+        status = await self.engine.pools.set(PoolConfig(runtime=tier, size=size))
+        samples: list[float] = []
+        claims: list[float] = []
+        try:
+            for _ in range(n):
+                # Not timed: the pool refills between claims (steady state, as in service).
+                await self._pool_ready(status.key, size)
+                t0 = time.perf_counter()
+                info = await self.engine.create(SandboxSpec(runtime=tier, timeout=3600))
+                t1 = time.perf_counter()
+                try:
+                    await self._run(info.id, ["true"])
+                    samples.append(time.perf_counter() - t0)
+                    claims.append(t1 - t0)
+                    if not any(e.get("kind") == "created" and e.get("pooled")
+                               for e in self.engine.logs(info.id)):
+                        raise RuntimeError(f"{info.id} did not come from the pool")
+                finally:
+                    await self.engine.kill(info.id)
+        finally:
+            await self.engine.pools.remove(None, tier)
+        limit = {"namespace": 0.020, "gvisor": 0.050, "microvm": 0.150}[tier]
+        target = f"< {limit * 1000:.0f} ms" + (" (KVM)" if tier == "microvm" else "")
+        verdict = "PASS" if pct(samples, 50) < limit else "MISS"
+        note = f"pool of {size}, refilled between claims; claim alone p50 {pct(claims, 50) * 1000:.1f} ms"
+        if tier == "microvm" and _microvm_accel() != "KVM":
+            note += f"; target is for KVM, this host runs {_microvm_accel()}"
+        cold = self.cold.get(tier, [])
+        self.report.add(Row("create → first exec (warm pool)", tier, "s", samples,
+                            "cold create → first exec (same run)", cold, target, verdict, note,
+                            extra={"claim_samples": claims, "pool_size": size}))
+
+    async def _pool_ready(self, key: str, size: int) -> None:
+        deadline = time.monotonic() + 300
+        while True:
+            st = next(p for p in self.engine.pools.list() if p.key == key)
+            if st.ready >= size and st.booting == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pool {key} did not refill: {st}")
+            await asyncio.sleep(0.02)
+
+    # 7. sustained create rate
+    async def throughput(self, tier: str) -> None:
+        seconds = 10.0 if self.s.quick else 60.0
+        workers = {"namespace": 4, "gvisor": 2, "microvm": 2}[tier]
+        done: list[float] = []
+        failures: list[str] = []
+        start = time.monotonic()
+        stop_at = start + seconds
+
+        async def worker() -> None:
+            while time.monotonic() < stop_at and len(failures) < 3:
+                t0 = time.perf_counter()
+                try:
+                    sid = await self._sandbox(tier)
+                except Exception as exc:  # counted, not fatal: the rate is what is measured
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                try:
+                    await self._run(sid, ["true"])
+                    done.append(time.perf_counter() - t0)
+                finally:
+                    await self.engine.kill(sid)
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        elapsed = time.monotonic() - start
+        rate = len(done) / elapsed
+        cold = self.cold.get(tier, [])
+        self.report.add(Row(
+            "sandboxes created per second, sustained (create + first exec + kill)", tier, "/s",
+            [rate], "1 / cold start p50, one at a time", [1 / pct(cold, 50)] if cold else [],
+            higher_is_better=True,
+            note=f"{len(done)} sandboxes in {elapsed:.0f} s, {workers} concurrent workers"
+                 + (" (--quick: 10 s, not a minute)" if self.s.quick else "")
+                 + (f"; {len(failures)} failed: {failures[0]}" if failures else ""),
+            extra={"seconds": elapsed, "count": len(done), "workers": workers,
+                   "latency_p50": pct(done, 50), "failures": failures}))
+
+    # 8. density: the most concurrent idle sandboxes (capped, stopping before memory runs low)
+    async def density(self, tier: str) -> None:
+        cap = {"namespace": 300, "gvisor": 60, "microvm": 12}[tier]
+        if self.s.quick:
+            cap = {"namespace": 40, "gvisor": 10, "microvm": 3}[tier]
+        total = mem_total()
+        reserve = max(4 * 2**30, total // 5)
+        workers = {"namespace": 4, "gvisor": 2, "microvm": 1}[tier]
+        ids: list[str] = []
+        why = f"reached the cap of the search ({cap})"
+        before = mem_available()
+        if before - reserve < 2**30:
+            self.report.skipped.append({"tier": tier, "why": "density: too little free memory"})
+            return
+        t0 = time.perf_counter()
+        try:
+            stop = False
+            while len(ids) < cap and not stop:
+                if mem_available() < reserve:
+                    why = f"stopped: free memory under the {reserve / 2**30:.1f} GiB reserve"
+                    break
+                batch = min(workers, cap - len(ids))
+                results = await asyncio.gather(*(self._sandbox(tier) for _ in range(batch)),
+                                               return_exceptions=True)
+                for r in results:
+                    if isinstance(r, BaseException):
+                        why, stop = f"stopped at the first failure: {type(r).__name__}: {r}", True
+                    else:
+                        ids.append(r)
+            fill_s = time.perf_counter() - t0
+            await asyncio.sleep(3)  # idle
+            alive = 0
+            for sid in ids:  # every one still answers
+                alive += (await self._run(sid, ["true"], check=False)).exit_code == 0
+            after = mem_available()
+            cg = [c for c in (cgroup_memory(sid) for sid in ids) if c is not None]
+        finally:
+            sem = asyncio.Semaphore(8)
+
+            async def kill(sid: str) -> None:
+                async with sem:
+                    await self.engine.kill(sid)
+
+            await asyncio.gather(*(kill(sid) for sid in ids), return_exceptions=True)
+        per = (before - after) / max(1, len(ids))
+        self.report.add(Row(
+            "most concurrent idle sandboxes (search capped)", tier, "sandboxes", [float(alive)],
+            "cap of the search", [float(cap)], higher_is_better=True, note=why,
+            extra={"created": len(ids), "alive": alive, "fill_seconds": fill_s,
+                   "mem_total": total, "reserve": reserve}))
+        self.report.add(Row(
+            "host memory per sandbox at that density (MemAvailable drop / count)", tier, "bytes",
+            [per], "memory cgroup charge per sandbox (p50)", [float(pct([float(c) for c in cg], 50))]
+            if cg else [], note=f"{len(ids)} idle sandboxes; {(before - after) / 2**30:.2f} GiB "
+            "in all", extra={"mem_available_before": before, "mem_available_after": after}))
+
+    # 9. pause and resume
+    async def pause_resume(self, tier: str) -> None:
+        n = self.s.reps(tier, 10, 3, 3)
+        sid = await self._sandbox(tier)
+        pauses: list[float] = []
+        resumes: list[float] = []
+        firsts: list[float] = []
+        try:
+            await self._run(sid, "sleep 3600 >/dev/null 2>&1 &")
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await self.engine.pause(sid)
+                t1 = time.perf_counter()
+                await self.engine.resume(sid)
+                t2 = time.perf_counter()
+                await self._run(sid, ["true"])
+                t3 = time.perf_counter()
+                pauses.append(t1 - t0)
+                resumes.append(t2 - t1)
+                firsts.append(t3 - t1)
+        finally:
+            await self.engine.kill(sid)
+        self.report.add(Row("pause", tier, "s", pauses, "-", [],
+                            note="engine.pause of a sandbox running a background process"))
+        self.report.add(Row("resume (→ first exec)", tier, "s", firsts, "engine.resume alone",
+                            resumes))
+
+
+def mem_available() -> int:
+    return _meminfo("MemAvailable")
+
+
+def mem_total() -> int:
+    return _meminfo("MemTotal")
+
+
+def _meminfo(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/meminfo")
+
+
 class PhaseTimer:
     """Times the steps of `Engine.create` by wrapping, for the duration, the calls it makes
     (network namespace, gateway attach, tier start, agent connect): nothing is edited."""
@@ -612,10 +805,19 @@ async def run_all(settings: Settings, report: Report, only: set[str] | None) -> 
             for t in tiers:
                 if wanted("start"):
                     await guard(f"start {t}", lambda t=t: bench.start(t))
+                if wanted("pool"):
+                    await guard(f"pool {t}", lambda t=t: bench.pool_start(t))
                 if wanted("exec"):
                     await guard(f"exec {t}", lambda t=t: bench.exec_rt(t))
                 if wanted("memory"):
                     await guard(f"memory {t}", lambda t=t: bench.memory(t))
+                if wanted("pause"):
+                    await guard(f"pause {t}", lambda t=t: bench.pause_resume(t))
+            for t in tiers:
+                if wanted("throughput"):
+                    await guard(f"throughput {t}", lambda t=t: bench.throughput(t))
+                if wanted("density"):
+                    await guard(f"density {t}", lambda t=t: bench.density(t))
             if wanted("workload"):
                 await guard("workloads", lambda: workloads(bench, tiers))
             if wanted("egress") and "namespace" in tiers:
@@ -654,8 +856,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiers", default=",".join(TIERS),
                     help="comma-separated tiers (default: all three)")
     ap.add_argument("--only", default="",
-                    help="comma-separated subset of start,exec,memory,workload,egress")
+                    help="comma-separated subset of start,pool,exec,memory,pause,throughput,"
+                         "density,workload,egress")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.json"))
+    ap.add_argument("--chart", default=str(ROOT / "docs" / "benchmarks.png"),
+                    help="PNG chart of the headline numbers ('' = none)")
     args = ap.parse_args(argv)
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     bad = [t for t in tiers if t not in TIERS]
@@ -695,6 +900,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped tier {s['tier']}: {s['why']}")
     for e in report.errors:
         print(f"HARNESS ERROR in {e['bench']}: {e['error']}")
+    if args.chart:
+        try:
+            from chart import draw
+
+            draw(json.loads(out.read_text()), Path(args.chart))
+            print(f"chart: {args.chart}")
+        except Exception as exc:  # the numbers are written; a chart failure is reported
+            traceback.print_exc()
+            report.errors.append({"bench": "chart", "error": f"{type(exc).__name__}: {exc}"})
     print(f"\nresults: {out} ({info['duration_s']} s)")
     return 1 if report.errors else 0
 

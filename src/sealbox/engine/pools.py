@@ -102,10 +102,17 @@ class PoolStatus(BaseModel):
     error: str | None = Field(default=None, description="why the last refill boot failed")
 
 
+@dataclass(frozen=True)
+class _Member:
+    live: _Live
+    template_hash: str | None
+    """The template content it was booted from (None: host base image)."""
+
+
 @dataclass
 class _Pool:
     config: PoolConfig
-    idle: deque[_Live] = field(default_factory=deque)
+    idle: deque[_Member] = field(default_factory=deque)
     booting: int = 0
     error: str | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -114,7 +121,7 @@ class _Pool:
     def status(self) -> PoolStatus:
         c = self.config
         return PoolStatus(key=c.key, template=c.template, runtime=c.runtime, size=c.size,
-                          ready=sum(1 for m in self.idle if not m.ended.is_set()),
+                          ready=sum(1 for m in self.idle if not m.live.ended.is_set()),
                           booting=self.booting, cpus=c.cpus, memory=c.memory, pids=c.pids,
                           disk=c.disk, error=self.error)
 
@@ -131,18 +138,24 @@ class Pools:
         self._pools: dict[str, _Pool] = {}
 
     # ----- configuration ----------------------------------------------------------------
+    def _template_hash(self, name: str | None, owner: str | None) -> str | None:
+        """The content hash NAME means for OWNER (templates are per owner, so members are
+        matched by what they were booted from, never by name alone); None = host base."""
+        if name is None:
+            return None
+        resolve = getattr(self._engine, "resolve_template", None)
+        if resolve is None:
+            raise ConfigError(f"unknown template {name!r}")
+        try:
+            return str(resolve(name, owner).hash)
+        except NotFoundError as exc:
+            raise ConfigError(f"unknown template {name!r}: {exc.message}") from None
+
     def _resolve(self, config: PoolConfig) -> PoolConfig:
         """CONFIG with a concrete tier, checked: the tier works here, the template exists."""
         runtime = registry.lookup(config.runtime).name
         config = config.model_copy(update={"runtime": runtime})
-        if config.template is not None:
-            check = getattr(self._engine, "template_info", None)
-            if check is None:
-                raise ConfigError(f"unknown template {config.template!r}")
-            try:
-                check(config.template)
-            except NotFoundError as exc:
-                raise ConfigError(exc.message) from None
+        self._template_hash(config.template, None)  # the operator's template exists
         config.spec()  # limits valid for a sandbox
         return config
 
@@ -197,24 +210,31 @@ class Pools:
             await self._stop_pool(pool)
 
     # ----- claiming ---------------------------------------------------------------------
-    def take(self, spec: SandboxSpec, runtime: str) -> _Live | None:
-        """An idle member matching SPEC, removed from its pool for good; None if there is none.
-        Does not await: nothing else can take the same member."""
+    def take(self, spec: SandboxSpec, runtime: str, owner: str | None = None) -> _Live | None:
+        """An idle member matching SPEC (for OWNER's meaning of its template), removed from its
+        pool for good; None if there is none. Does not await between finding and removing
+        it: nothing else can take the same member."""
         if spec.workspace is not None or getattr(spec, "volumes", None):
             return None
-        pool = self._pools.get(pool_key(_template_of(spec), runtime))
+        template = _template_of(spec)
+        pool = self._pools.get(pool_key(template, runtime))
         if pool is None:
             return None
         c = pool.config
         if (spec.cpus, spec.memory, spec.pids, spec.disk) != (c.cpus, c.memory, c.pids, c.disk):
             return None
-        while pool.idle:
-            member = pool.idle.popleft()
-            if not member.ended.is_set():
-                member.info.metadata.pop(POOL_LABEL, None)
-                pool.wake.set()
-                return member
+        try:
+            wanted = self._template_hash(template, owner)
+        except ConfigError:
+            return None  # create reports it
         pool.wake.set()
+        for member in list(pool.idle):
+            if member.live.ended.is_set():
+                pool.idle.remove(member)
+            elif member.template_hash == wanted:
+                pool.idle.remove(member)
+                member.live.info.metadata.pop(POOL_LABEL, None)
+                return member.live
         return None
 
     async def evict_one(self) -> bool:
@@ -233,7 +253,18 @@ class Pools:
 
     async def _refill(self, pool: _Pool) -> None:
         while True:
-            pool.idle = deque(m for m in pool.idle if not m.ended.is_set())
+            try:
+                current = self._template_hash(pool.config.template, None)
+            except ConfigError as exc:
+                pool.error, current = exc.message, "?"
+            # Dead members, and members of a template since rebuilt or removed, go.
+            stale = [m for m in pool.idle if m.template_hash != current]
+            pool.idle = deque(m for m in pool.idle
+                              if not m.live.ended.is_set() and m.template_hash == current)
+            if stale:
+                await asyncio.gather(*(self._engine._finish(m.live, SandboxState.killed,
+                                                            "pool template changed")
+                                       for m in stale))
             extra = len(pool.idle) - pool.config.size
             if extra > 0:
                 await self._kill_idle(pool, extra, reason="pool shrunk")
@@ -263,6 +294,7 @@ class Pools:
         config = pool.config
         pool.booting += 1
         try:
+            template_hash = self._template_hash(config.template, None)
             member = await engine._boot(config.spec(), registry.get(config.runtime), None,
                                         bare=True, metadata={POOL_LABEL: config.key})
         except SealboxError as exc:
@@ -274,11 +306,12 @@ class Pools:
             # Removed or reconfigured while booting: this member belongs nowhere.
             await engine._finish(member, SandboxState.killed, "pool removed")
             return
-        pool.idle.append(member)
+        pool.idle.append(_Member(member, template_hash))
 
     async def _kill_idle(self, pool: _Pool, n: int, reason: str = "pool changed") -> None:
         victims = [pool.idle.pop() for _ in range(min(n, len(pool.idle)))]
-        await asyncio.gather(*(self._engine._finish(m, SandboxState.killed, reason) for m in victims))
+        await asyncio.gather(*(self._engine._finish(m.live, SandboxState.killed, reason)
+                               for m in victims))
 
     async def _stop_pool(self, pool: _Pool) -> None:
         if pool.task is not None:

@@ -447,8 +447,14 @@ class MicrovmSandbox:
             raise SandboxError(f"microVM is not running: {self.console()[-2000:] or 'it exited'}")
         attempt = asyncio.ensure_future(self._connect())
         exited = asyncio.ensure_future(self.proc.wait())
-        done, _ = await asyncio.wait({attempt, exited}, timeout=BOOT_TIMEOUT,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({attempt, exited}, timeout=BOOT_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Cancelled (a warm-pool boot stopped): leave no connect attempt running behind.
+            attempt.cancel()
+            exited.cancel()
+            raise
         if attempt in done:
             exited.cancel()
             return attempt.result()

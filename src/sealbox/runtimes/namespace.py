@@ -223,7 +223,13 @@ class NamespaceSandbox:
             raise SandboxError(f"sandbox is not running: {self._bwrap_error() or 'it exited'}")
         connect = asyncio.ensure_future(GuestClient.connect_unix(self.socket_path, timeout=15.0))
         exited = asyncio.ensure_future(self.proc.wait())
-        done, _ = await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Cancelled (a warm-pool boot stopped): leave no connect attempt running behind.
+            connect.cancel()
+            exited.cancel()
+            raise
         if connect in done:
             exited.cancel()
             return connect.result()
