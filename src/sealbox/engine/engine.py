@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sealbox._sys import netns
+from sealbox._sys import overlay
 from sealbox._sys.cgroups import Cgroup
 from sealbox.egress.gateway import Gateway, GatewayConfig
 from sealbox.engine.config import EngineConfig
@@ -32,10 +33,12 @@ from sealbox.engine.spec import (
     SandboxState,
     SecretInfo,
 )
+from sealbox.engine import snapshots, template_build, workspace_tar
 from sealbox.engine.store import Store, now
+from sealbox.engine.templates import Resolved, TemplateInfo, TemplateSpec, TemplateStore
 from sealbox.engine.units import format_size
 from sealbox.engine.pause import LOST_PROCESSES, PausedState, remaining_time
-from sealbox.engine.pools import Pools
+from sealbox.engine.pools import POOL_LABEL, Pools
 from sealbox.engine.volumes import Volumes, volume_uid
 from sealbox.errors import (
     CapacityError,
@@ -78,6 +81,8 @@ class _Live:
     """What the caller asked for (with secret values): saved at pause to boot it again."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Serialises pause and resume."""
+    workdir: str | None = None
+    """The template's default cwd for commands."""
 
 
 def describe_limit(limit: str, info: SandboxInfo) -> str:
@@ -139,6 +144,7 @@ class Engine:
         self._booting = 0
         self.pools = Pools(self)
         self.volumes = Volumes(self.config.data_dir, self.config.run_root, self.store)
+        self.templates = TemplateStore(self.config.data_dir)
         self.paused = PausedState(self.config.data_dir)
 
     async def start(self) -> None:
@@ -156,6 +162,7 @@ class Engine:
         await asyncio.gather(*(self.kill(i, reason="engine shut down") for i in list(self._live)))
         await self.gateway.stop()
         self.store.close()
+        self.templates.close()
         self._started = False
 
     # ----- reconciliation ---------------------------------------------------------------
@@ -188,6 +195,8 @@ class Engine:
             cg.remove()
         # Deleting the namespace also destroys the veth pair that joined it to the host.
         netns.delete(netns_name(sandbox_id))
+        # A template layer's overlays: unmounted first, so rmtree never walks into them.
+        overlay.unmount_all(self.config.run_root / sandbox_id)
         shutil.rmtree(self.config.run_root / sandbox_id, ignore_errors=True)
         self.volumes.release(sandbox_id)
 
@@ -213,7 +222,7 @@ class Engine:
             await asyncio.to_thread(self.volumes.check, spec.volumes, owner)
         # A warm pool member if one matches (claiming takes milliseconds), else a cold boot.
         # Volumes are bind-mounted at boot, so a sandbox with volumes never comes from a pool.
-        live = None if spec.volumes else self.pools.take(spec, runtime.name)
+        live = None if spec.volumes else self.pools.take(spec, runtime.name, owner)
         pooled = live is not None
         if live is None:
             if self._at_capacity():
@@ -249,8 +258,9 @@ class Engine:
                                      for k, v in spec.secrets.items()},
             cpus=spec.cpus, memory=spec.memory, pids=spec.pids, disk=spec.disk,
             metadata=dict(metadata or {}), owner=None if bare else owner,
-            volumes=[] if bare else list(spec.volumes),
+            volumes=[] if bare else list(spec.volumes), template=spec.template,
         )
+        template = self._template(spec, runtime, owner)  # no await: see the next line
         self._booting += 1  # counted from here, before any await, so the cap cannot be raced
         try:
             self.store.put(info)
@@ -277,9 +287,14 @@ class Engine:
                                   disk_bytes=spec.disk),
                     env={**attachment.env, **({} if bare else spec.env)}, hostname=sandbox_id,
                     workspace=workspace, ro_files=dict(attachment.ro_files), mounts=mounts,
+                    layer=template.layer if template else None,
                 )
+                if template is not None:
+                    launch.env = {**attachment.env, **template.env, **launch.env}
                 running = await runtime.start(launch)
                 guest = await running.connect()
+                if template is not None:
+                    await self._apply_template(guest, template)
             except BaseException as exc:
                 if running is not None:
                     await running.kill()
@@ -292,7 +307,8 @@ class Engine:
                 raise
             info.state = SandboxState.running
             self.store.put(info)
-            live = _Live(info=info, runtime=running, guest=guest)
+            live = _Live(info=info, runtime=running, guest=guest,
+                         workdir=template.workdir if template else None)
             self._live[sandbox_id] = live
         finally:
             self._booting -= 1
@@ -487,6 +503,58 @@ class Engine:
         self.events.write(sandbox_id, "resumed", processes=False)
         return info.model_copy(deep=True)
 
+    # ----- templates, snapshots, fork (engine/templates.py, template_build.py, snapshots.py) --
+    def _template(self, spec: SandboxSpec, runtime: Runtime, owner: str | None
+                  ) -> Resolved | None:
+        if spec.template is None:
+            return None
+        template = self.templates.resolve(spec.template, owner)
+        if template.layer is not None and runtime.name == "microvm":
+            raise ConfigError("templates are not supported on the microvm tier yet: use "
+                              "--runtime namespace or gvisor")
+        return template
+
+    async def _apply_template(self, guest: GuestClient, template: Resolved) -> None:
+        """What a template adds once the agent answers: its /workspace, its start command."""
+        if template.workspace_tar is not None:
+            await workspace_tar.restore(guest, template.workspace_tar)
+        if template.start:
+            handle = await guest.exec(["/bin/sh", "-c", template.start],
+                                      cwd=template.workdir, background=True)
+            task = asyncio.create_task(_drain(handle))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def build_template(self, spec: TemplateSpec, owner: str | None = None,
+                             progress: template_build.Progress | None = None) -> TemplateInfo:
+        return await template_build.build(self, spec, owner, progress)
+
+    def resolve_template(self, name: str, owner: str | None = None) -> Resolved:
+        """What a sandbox from NAME gets (layer, workspace, env, workdir); NotFoundError."""
+        return self.templates.resolve(name, owner)
+
+    def list_templates(self, owner: str | None = None) -> builtins.list[TemplateInfo]:
+        return self.templates.list(owner)
+
+    def get_template(self, name: str, owner: str | None = None) -> TemplateInfo:
+        return self.templates.get(name, owner)
+
+    def remove_template(self, name: str, owner: str | None = None) -> TemplateInfo:
+        return self.templates.remove(name, owner)
+
+    def template_log(self, name: str, owner: str | None = None) -> str:
+        path = self.templates.log_path(name, owner)
+        if not path.is_file():
+            raise NotFoundError(f"no build log for template {name!r}")
+        return path.read_text(errors="replace")
+
+    async def snapshot(self, sandbox_id: str, name: str, owner: str | None = None
+                       ) -> TemplateInfo:
+        return await snapshots.snapshot(self, sandbox_id, name, owner)
+
+    async def fork(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
+        return await snapshots.fork(self, sandbox_id, owner)
+
     # ----- queries ----------------------------------------------------------------------
     def get(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
         live = self._live.get(sandbox_id)
@@ -512,6 +580,9 @@ class Engine:
             )
         if live.info.state == SandboxState.paused:
             raise SandboxError(f"sandbox {sandbox_id} is paused: resume it first")
+        if POOL_LABEL in live.info.metadata:
+            # Nobody (not even the admin) runs anything in a member before its one claimant.
+            raise SandboxError(f"sandbox {sandbox_id} is an unclaimed warm-pool member")
         return live
 
     def guest(self, sandbox_id: str, owner: str | None = None) -> GuestClient:
@@ -528,7 +599,7 @@ class Engine:
         live = self._running(sandbox_id, owner)
         argv, shell = (None, req.cmd) if isinstance(req.cmd, str) else (list(req.cmd), None)
         handle = await live.guest.exec(
-            argv, shell=shell, env={**live.env, **req.env} or None, cwd=req.cwd, timeout=req.timeout, pty=pty,
+            argv, shell=shell, env={**live.env, **req.env} or None, cwd=req.cwd or live.workdir, timeout=req.timeout, pty=pty,
             background=req.background, stdin=req.stdin is not None,
         )
         if req.stdin is not None:

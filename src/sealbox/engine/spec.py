@@ -116,6 +116,8 @@ class SandboxSpec(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     volumes: list[VolumeMount] = Field(default_factory=list,
                                        description="named volumes to mount (see /v1/volumes)")
+    template: str | None = Field(default=None, description="template name (see /v1/templates);"
+                                 " null = the host's system dirs")
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -194,6 +196,7 @@ class SandboxInfo(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     owner: str | None = None
     volumes: list[VolumeMount] = Field(default_factory=list)
+    template: str | None = None
     paused_at: datetime | None = None
     resumed_processes: bool | None = Field(
         default=None, description="after the last resume: whether processes and memory came "

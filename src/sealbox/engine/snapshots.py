@@ -1,0 +1,106 @@
+"""Snapshots (a running sandbox's /workspace saved as a new template) and fork (a new sandbox
+with a copy of it).
+
+Filesystem only: /workspace is what a sandbox can write besides /tmp (which is not kept). The
+snapshot's layer is its parent template's (shared by hash, never copied); its workspace.tar is
+made by the sandbox's own tar, so hostile content never touches the host's filesystem. A fork
+is a copy, not copy-on-write: the parent's /workspace is streamed into the child's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets as pysecrets
+from typing import TYPE_CHECKING
+
+from sealbox.engine import workspace_tar
+from sealbox.engine.spec import SandboxInfo
+from sealbox.engine.templates import TemplateInfo, check_name, dir_size, new_info
+from sealbox.errors import ConfigError, SandboxError
+
+if TYPE_CHECKING:
+    from sealbox.engine.engine import Engine
+
+MAX_SNAPSHOT = 8 * 1024**3
+
+
+def _cap(engine: Engine, disk: int | None) -> int:
+    # A /workspace cannot hold more than its disk limit; a little slack for tar's headers.
+    return int(disk * 1.1) + (1 << 20) if disk else MAX_SNAPSHOT
+
+
+def _sha256(path: object) -> str:
+    h = hashlib.sha256()
+    with open(str(path), "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def snapshot(engine: Engine, sandbox_id: str, name: str, owner: str | None
+                   ) -> TemplateInfo:
+    check_name(name)
+    live = engine._running(sandbox_id, owner)
+    if live.spec is not None and live.spec.workspace is not None:
+        raise ConfigError("this sandbox's /workspace is a host directory: copy that instead")
+    store = engine.templates
+    parent = (store.get(live.info.template, owner, shared=True) if live.info.template else None)
+    tmp = store.root / f".snap-{pysecrets.token_hex(6)}"
+    tmp.mkdir(mode=0o700)
+    try:
+        tar = tmp / "workspace.tar"
+        await workspace_tar.save(live.guest, tar, _cap(engine, live.info.disk))
+        digest_src = await asyncio.to_thread(_sha256, tar)
+        digest = hashlib.sha256(
+            f"snapshot:{parent.layer if parent else ''}:{digest_src}".encode()).hexdigest()
+        info = new_info(
+            name=name, hash=digest, kind="snapshot", parent=parent.name if parent else None,
+            layer=parent.layer if parent else None,
+            env=dict(parent.env) if parent else {}, workdir=parent.workdir if parent else None,
+            start=parent.start if parent else None, owner=owner,
+            size=await asyncio.to_thread(dir_size, tmp),
+        )
+        (tmp / "template.json").write_text(info.model_dump_json(indent=2))
+        if store.cached(digest) is None:
+            try:
+                tmp.rename(store.dir(digest))
+            except OSError:
+                if store.cached(digest) is None:
+                    raise
+        store.put(info)
+        engine.events.write(sandbox_id, "snapshot", template=name)
+        return info
+    finally:
+        if tmp.exists():
+            await asyncio.to_thread(_rmtree, tmp)
+
+
+def _rmtree(path: object) -> None:
+    import shutil
+
+    shutil.rmtree(str(path), ignore_errors=True)
+
+
+async def fork(engine: Engine, sandbox_id: str, owner: str | None) -> SandboxInfo:
+    live = engine._running(sandbox_id, owner)
+    spec = live.spec
+    if spec is None:
+        raise SandboxError(f"sandbox {sandbox_id} cannot be forked: its spec is not known")
+    if spec.workspace is not None:
+        raise ConfigError("this sandbox's /workspace is a host directory: a fork would share it")
+    tmp = engine.templates.root / f".fork-{pysecrets.token_hex(6)}.tar"
+    try:
+        await workspace_tar.save(live.guest, tmp, _cap(engine, live.info.disk))
+        child_spec = spec.model_copy(deep=True)
+        child_spec.metadata = {**spec.metadata, "sealbox.forked_from": sandbox_id}
+        info = await engine.create(child_spec, owner=owner)
+        try:
+            await workspace_tar.restore(engine.guest(info.id, owner), tmp, clear=True)
+        except BaseException:
+            await engine.kill(info.id, owner, reason="fork failed")
+            raise
+        engine.events.write(sandbox_id, "forked", child=info.id)
+        return info
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,239 @@
+"""Building a template: a sandboxed build whose writes to the system dirs become its layer.
+
+The build runs in a namespace sandbox (runtimes/build.py) attached to the egress gateway with
+the spec's build policy (the hosts its apt/pip/npm sources need plus ``allow_net``) and the
+installation's ``--resolve`` pins. Steps: apt, pip, npm, files, run commands; then /workspace
+is saved as the template's starting workspace. Nothing is registered unless every step passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets as pysecrets
+import shlex
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from sealbox._sys import netns
+from sealbox.engine import workspace_tar
+from sealbox.engine.spec import SandboxInfo, SandboxState
+from sealbox.engine.store import now
+from sealbox.engine.templates import TemplateInfo, TemplateSpec, content_hash, dir_size, new_info
+from sealbox.errors import CommandError, ConfigError
+from sealbox.guest.client import GuestClient, Output
+from sealbox.runtimes.base import LaunchSpec, Limits
+from sealbox.runtimes.build import finalize, start_build
+
+if TYPE_CHECKING:
+    from sealbox.engine.engine import Engine
+
+Progress = Callable[[dict[str, Any]], None]
+STEP_TIMEOUT = 3600.0
+BUILD_DISK = 4 * 1024**3
+MAX_WORKSPACE = 4 * 1024**3
+_APT = ["apt-get", "-y", "-q", "-o", "APT::Sandbox::User=root", "-o", "Dpkg::Use-Pty=0",
+        "-o", "Acquire::Retries=0"]
+
+
+def _steps(spec: TemplateSpec) -> list[tuple[str, list[str] | int]]:
+    """(title, argv) per command; (title, index into files) for a file to put."""
+    steps: list[tuple[str, list[str] | int]] = []
+    if spec.apt:
+        steps.append(("apt-get update", [*_APT, "update"]))
+        steps.append((f"apt install {' '.join(spec.apt)}",
+                      [*_APT, "install", "--no-install-recommends", "--", *spec.apt]))
+    if spec.pip:
+        pip = ["python3", "-m", "pip", "install", "--no-cache-dir", "--break-system-packages",
+               "--root-user-action=ignore", "--disable-pip-version-check"]
+        if spec.pip_index_url:
+            pip += ["--index-url", spec.pip_index_url]
+            if spec.pip_index_url.startswith("http://"):
+                # The operator named a plain-HTTP index (a local mirror): trust it by name.
+                pip += ["--trusted-host", urlsplit(spec.pip_index_url).hostname or ""]
+        steps.append((f"pip install {' '.join(spec.pip)}", [*pip, "--", *spec.pip]))
+    if spec.npm:
+        npm = ["npm", "install", "-g", "--no-audit", "--no-fund", "--no-update-notifier"]
+        if spec.npm_registry:
+            npm += ["--registry", spec.npm_registry]
+        steps.append((f"npm install {' '.join(spec.npm)}", [*npm, "--", *spec.npm]))
+    for i, f in enumerate(spec.files):
+        steps.append((f"file {f.dest}", i))
+    for cmd in spec.run:
+        steps.append((f"run {cmd}", ["/bin/sh", "-c", cmd]))
+    return steps
+
+
+class _Log:
+    def __init__(self, path: Path, progress: Progress) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "wb")
+        self._progress = progress
+        self._tail = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
+        self._f.flush()
+        self._tail = (self._tail + data)[-4000:]
+        self._progress({"type": "log", "text": data.decode(errors="replace")})
+
+    def tail(self) -> str:
+        return self._tail.decode(errors="replace").strip()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+async def _run_step(guest: GuestClient, argv: list[str], cwd: str, log: _Log) -> int:
+    handle = await guest.exec(argv, cwd=cwd, timeout=STEP_TIMEOUT)
+    async for item in handle:
+        if isinstance(item, Output):
+            log.write(item.data)
+        else:
+            return item.exit_code
+    return -1
+
+
+async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
+                progress: Progress | None = None) -> TemplateInfo:
+    """Build SPEC (or find it in the cache) and register it under its name for OWNER."""
+    report: Progress = progress or (lambda _event: None)
+    if spec.base == "debian":
+        raise ConfigError("base 'debian' (a debootstrap rootfs) is not supported yet: "
+                          "use base 'host'")
+    if not engine.config.allow_host_workspace and any(f.src for f in spec.files):
+        raise ConfigError("this server does not read its own files: send file contents inline "
+                          "(content_b64), as the SDK and CLI do")
+    await engine.start()
+    contents = await asyncio.to_thread(lambda: [f.content() for f in spec.files])
+    digest = content_hash(spec, contents)
+    store = engine.templates
+    cached = store.cached(digest)
+    if cached is not None:
+        info = cached.model_copy(update={"name": spec.name, "owner": owner,
+                                         "created_at": now(), "spec": _public(spec)})
+        store.put(info)
+        report({"type": "cached", "hash": digest})
+        return info
+    steps = _steps(spec)
+    report({"type": "start", "hash": digest, "total": len(steps) + 1})
+    build_dir = store.root / f".build-{digest[:16]}-{pysecrets.token_hex(4)}"
+    build_dir.mkdir(mode=0o700)
+    log = _Log(store.log_path(spec.name, owner), report)
+    try:
+        tar = build_dir / "workspace.tar"
+        await _sandboxed(engine, spec, owner, steps, contents, build_dir, tar, log, report)
+        out = build_dir / "out"
+        out.mkdir()
+        await asyncio.to_thread(finalize, build_dir / "upper")
+        (build_dir / "upper").rename(out / "layer")
+        if tar.is_file():
+            tar.rename(out / "workspace.tar")
+        log.close()
+        shutil.copyfile(store.log_path(spec.name, owner), out / "build.log")
+        info = new_info(name=spec.name, hash=digest, layer=digest, env=dict(spec.env),
+                        workdir=spec.workdir, start=spec.start, owner=owner,
+                        size=await asyncio.to_thread(dir_size, out), spec=_public(spec))
+        (out / "template.json").write_text(info.model_dump_json(indent=2))
+        target = store.dir(digest)
+        try:
+            out.rename(target)
+        except OSError:
+            if store.cached(digest) is None:  # not a concurrent identical build: a real error
+                raise
+        store.put(info)
+        report({"type": "done", "hash": digest})
+        return info
+    finally:
+        log.close()
+        await asyncio.to_thread(shutil.rmtree, build_dir, True)
+
+
+def _public(spec: TemplateSpec) -> TemplateSpec:
+    """The spec as stored and shown: file contents replaced by nothing (they are hashed)."""
+    files = [f.model_copy(update={"content_b64": None, "src": f.src or "(inline)"})
+             for f in spec.files]
+    return spec.model_copy(update={"files": files})
+
+
+async def _sandboxed(engine: Engine, spec: TemplateSpec, owner: str | None,
+                     steps: list[tuple[str, list[str] | int]], contents: list[bytes],
+                     build_dir: Path, tar: Path, log: _Log, report: Progress) -> None:
+    from sealbox.engine.engine import netns_name, new_id
+
+    sandbox_id = new_id()
+    run_dir = engine.config.run_root / sandbox_id
+    # Recorded like any sandbox, so a crashed owner's build is cleaned up by reconcile.
+    info = SandboxInfo(id=sandbox_id, state=SandboxState.creating, runtime="namespace",
+                       created_at=now(), allow_net=spec.build_hosts(), owner=owner,
+                       metadata={"sealbox.template_build": spec.name})
+    engine.store.put(info)
+    run_dir.mkdir(parents=True, mode=0o711)
+    ns = netns_name(sandbox_id)
+    sandbox = None
+    guest = None
+    failed: str | None = "build did not finish"
+    try:
+        await asyncio.to_thread(netns.create, ns)
+        attachment = await engine.gateway.attach(sandbox_id, ns, spec.build_hosts(), {},
+                                                 run_dir)
+        ro_files = dict(attachment.ro_files)
+        if spec.apt_sources:
+            apt = run_dir / "apt"
+            (apt / "sources.list.d").mkdir(parents=True)
+            (apt / "sources.list").write_text("\n".join(spec.apt_sources) + "\n")
+            for p in (apt, apt / "sources.list.d", apt / "sources.list"):
+                p.chmod(0o755 if p.is_dir() else 0o644)
+            ro_files["/etc/apt/sources.list"] = apt / "sources.list"
+            ro_files["/etc/apt/sources.list.d"] = apt / "sources.list.d"
+        launch = LaunchSpec(
+            sandbox_id=sandbox_id, netns=ns, run_dir=run_dir,
+            limits=Limits(pids=4096, disk_bytes=BUILD_DISK),
+            env={**attachment.env, **spec.env, "PIP_NO_INPUT": "1"},
+            hostname="sealbox-build", ro_files=ro_files,
+        )
+        sandbox = await start_build(launch, build_dir)
+        guest = await sandbox.connect()
+        info.state = SandboxState.running
+        engine.store.put(info)
+        total = len(steps) + 1
+        for index, (title, action) in enumerate(steps, 1):
+            report({"type": "step", "index": index, "total": total, "title": title})
+            log.write(f"==> {title}\n".encode())
+            if isinstance(action, int):
+                f = spec.files[action]
+                await guest.write_file(f.dest, contents[action], mode=f.mode)
+                continue
+            code = await _run_step(guest, action, "/workspace", log)
+            if code != 0:
+                raise CommandError(
+                    f"template build failed at step {title!r} (exit code {code}); "
+                    f"log tail:\n{log.tail()}", step=title, exit_code=code)
+        report({"type": "step", "index": total, "total": total, "title": "save workspace"})
+        log.write(b"==> save workspace\n")
+        if (await guest.list_dir("/workspace")):
+            await workspace_tar.save(guest, tar, MAX_WORKSPACE)
+        failed = None
+    except BaseException as exc:
+        failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise
+    finally:
+        if guest is not None:
+            await guest.close()
+        if sandbox is not None:
+            await sandbox.kill()
+        await engine.gateway.detach(sandbox_id)
+        await asyncio.to_thread(engine._remove_leftovers, sandbox_id)
+        info.state = SandboxState.failed if failed else SandboxState.stopped
+        info.ended_at = now()
+        info.end_reason = failed or "template build finished"
+        engine.store.put(info)
+
+
+def describe(spec: TemplateSpec) -> str:
+    """One line saying what a spec installs (for the CLI)."""
+    parts = [f"{k} {' '.join(shlex.quote(p) for p in v)}"
+             for k, v in (("apt", spec.apt), ("pip", spec.pip), ("npm", spec.npm)) if v]
+    return "; ".join(parts) or "files and commands only"

@@ -1,0 +1,58 @@
+"""/workspace in and out of a sandbox as a tar stream, made and unpacked *inside* it.
+
+The host never unpacks a sandbox's files: symlinks pointing outside, device files or names
+with '..' are the sandbox's own tar's business, inside the sandbox's own mount namespace. The
+host only stores the bytes, capped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from sealbox.errors import SandboxError
+from sealbox.guest.client import GuestClient, Output
+
+CHUNK = 1 << 20
+
+
+async def save(guest: GuestClient, dest: Path, cap: int) -> int:
+    """Write /workspace as a tar file to DEST; its size. SandboxError past CAP bytes."""
+    handle = await guest.exec(["tar", "-C", "/workspace", "--numeric-owner", "-cf", "-", "."])
+    size = 0
+    err = bytearray()
+    with open(dest, "wb") as f:
+        async for item in handle:
+            if not isinstance(item, Output):
+                status = item
+                break
+            if item.stream == "stderr":
+                err += item.data[: 4096 - len(err)]
+                continue
+            size += len(item.data)
+            if size > cap:
+                await handle.signal(9)
+                await handle.wait()
+                raise SandboxError(f"/workspace is larger than {cap >> 20} MiB: not saved")
+            await asyncio.to_thread(f.write, item.data)
+        else:
+            raise SandboxError("tar ended without an exit status")
+    if status.exit_code != 0:
+        raise SandboxError(f"saving /workspace failed: {err.decode(errors='replace').strip()}")
+    return size
+
+
+async def restore(guest: GuestClient, tar: Path, clear: bool = False) -> None:
+    """Unpack TAR into /workspace (emptied first if CLEAR)."""
+    script = ("find /workspace -mindepth 1 -delete && " if clear else "") + \
+        "exec tar -C /workspace --no-same-owner -xf -"
+    handle = await guest.exec(["/bin/sh", "-c", script], stdin=True)
+    with open(tar, "rb") as f:
+        while chunk := await asyncio.to_thread(f.read, CHUNK):
+            await handle.write_stdin(chunk)
+    await handle.close_stdin()
+    _, err, status = await handle.collect()
+    if status.exit_code != 0:
+        text = err.decode(errors="replace").strip()
+        hint = " (it does not fit this sandbox's disk limit)" if "space" in text else ""
+        raise SandboxError(f"filling /workspace from the template failed{hint}: {text[-500:]}")

@@ -1,0 +1,458 @@
+"""Templates, snapshots and fork, end to end on the real tiers.
+
+Packages come from servers on 127.0.0.1 the tests start: a flat apt repository with a .deb made
+by `dpkg-deb --build`, a PEP 503 simple index with a hand-made wheel, and a tiny npm registry.
+The build reaches them through `--resolve` pins of made-up names (deb.sealbox.test, …).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+import threading
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sealbox.egress.gateway import ResolvePin
+from sealbox.engine.config import EngineConfig
+from sealbox.engine.engine import Engine
+from sealbox.engine.spec import ExecRequest, SandboxSpec
+from sealbox.engine.templates import TemplateFile, TemplateSpec
+from sealbox.errors import CommandError, ConfigError, NotFoundError, SandboxError
+
+pytestmark = pytest.mark.timeout(600)
+
+DEB_HOST = "deb.sealbox.test"
+PYPI_HOST = "pypi.sealbox.test"
+NPM_HOST = "npm.sealbox.test"
+OTHER_HOST = "other.sealbox.test"
+
+
+# ----- local package servers -----------------------------------------------------------------
+
+def make_deb(root: Path) -> Path:
+    pkg = root / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text(
+        "Package: sealbox-hello\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: sealbox tests <t@sealbox.test>\nDescription: test package\n")
+    (pkg / "usr" / "bin").mkdir(parents=True)
+    script = pkg / "usr" / "bin" / "sealbox-hello"
+    script.write_text("#!/bin/sh\necho hello from a deb\n")
+    script.chmod(0o755)
+    deb = root / "repo" / "sealbox-hello_1.0_all.deb"
+    deb.parent.mkdir(parents=True)
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(pkg), str(deb)],
+                   check=True, capture_output=True)
+    data = deb.read_bytes()
+    (root / "repo" / "Packages").write_text(
+        "Package: sealbox-hello\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: sealbox tests <t@sealbox.test>\n"
+        f"Filename: ./{deb.name}\nSize: {len(data)}\n"
+        f"SHA256: {hashlib.sha256(data).hexdigest()}\n"
+        f"MD5sum: {hashlib.md5(data).hexdigest()}\nDescription: test package\n\n")
+    return deb
+
+
+def make_wheel(root: Path) -> None:
+    name = "sealbox_hello-1.0-py3-none-any.whl"
+    files = {
+        "sealbox_hello/__init__.py": b"GREETING = 'hello from a wheel'\n",
+        "sealbox_hello-1.0.dist-info/METADATA":
+            b"Metadata-Version: 2.1\nName: sealbox-hello\nVersion: 1.0\n",
+        "sealbox_hello-1.0.dist-info/WHEEL":
+            b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(
+        f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},"
+        f"{len(d)}\n" for p, d in files.items()) + "sealbox_hello-1.0.dist-info/RECORD,,\n"
+    files["sealbox_hello-1.0.dist-info/RECORD"] = record.encode()
+    whl = root / "pypi" / "files" / name
+    whl.parent.mkdir(parents=True)
+    with zipfile.ZipFile(whl, "w") as z:
+        for p, d in files.items():
+            z.writestr(p, d)
+    index = root / "pypi" / "simple" / "sealbox-hello"
+    index.mkdir(parents=True)
+    (index / "index.html").write_text(
+        f'<html><body><a href="/files/{name}">{name}</a></body></html>')
+
+
+def make_npm(root: Path, port: int) -> None:
+    buf = io.BytesIO()
+    pkg_json = json.dumps({"name": "sealbox-hello", "version": "1.0.0",
+                           "bin": {"sealbox-hello-js": "cli.js"}}).encode()
+    cli = b"#!/usr/bin/env node\nconsole.log('hello from npm')\n"
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for path, data in (("package/package.json", pkg_json), ("package/cli.js", cli)):
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            info.mode = 0o755
+            t.addfile(info, io.BytesIO(data))
+    tgz = buf.getvalue()
+    npm = root / "npm"
+    npm.mkdir()
+    (npm / "sealbox-hello-1.0.0.tgz").write_bytes(tgz)
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(tgz).digest()).decode()
+    (npm / "sealbox-hello").write_text(json.dumps({
+        "name": "sealbox-hello", "dist-tags": {"latest": "1.0.0"},
+        "versions": {"1.0.0": {
+            "name": "sealbox-hello", "version": "1.0.0",
+            "bin": {"sealbox-hello-js": "cli.js"},
+            "dist": {"tarball": f"http://{NPM_HOST}/npm/sealbox-hello-1.0.0.tgz",
+                     "integrity": integrity,
+                     "shasum": hashlib.sha1(tgz).hexdigest()}}}}))
+
+
+class PackageServer:
+    """One HTTP server on 127.0.0.1 for apt, pip and npm; records every request's Host+path."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                super().__init__(*a, directory=str(root), **kw)
+
+            def do_GET(self) -> None:
+                server.requests.append(f"{self.headers.get('Host', '')}{self.path}")
+                if self.path.startswith("/npm/") or self.path == "/sealbox-hello":
+                    self.path = self.path if self.path.startswith("/npm/") else "/npm/sealbox-hello"
+                elif self.path.startswith("/simple/") or self.path.startswith("/files/"):
+                    self.path = "/pypi" + self.path
+                elif not self.path.startswith("/repo/"):
+                    self.path = "/repo" + self.path
+                super().do_GET()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PackageServer]:
+    root = tmp_path_factory.mktemp("packages")
+    make_deb(root)
+    make_wheel(root)
+    server = PackageServer(root)
+    make_npm(root, server.port)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def tengine(data_dir: Path, packages: PackageServer) -> AsyncIterator[Engine]:
+    pins = [ResolvePin.parse(f"{h}:80:127.0.0.1:{packages.port}")
+            for h in (DEB_HOST, PYPI_HOST, NPM_HOST, OTHER_HOST)]
+    eng = Engine(EngineConfig(data_dir=data_dir, resolve=pins))
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.close()
+        assert not list(Path("/run/sealbox").glob("sb*/layer/*/*")), "layer mounts left"
+
+
+def full_spec(name: str, tmp_path: Path) -> TemplateSpec:
+    setup = tmp_path / "setup.sh"
+    setup.write_text("echo configured > /opt/sealbox-configured\n")
+    return TemplateSpec(
+        name=name, apt=["sealbox-hello"], pip=["sealbox-hello"], npm=["sealbox-hello"],
+        apt_sources=[f"deb [trusted=yes] http://{DEB_HOST}/ ./"],
+        pip_index_url=f"http://{PYPI_HOST}/simple/", npm_registry=f"http://{NPM_HOST}/",
+        files=[TemplateFile(src=str(setup), dest="/opt/setup.sh", mode=0o755),
+               TemplateFile(content_b64=base64.b64encode(b"data\n").decode(),
+                            dest="/workspace/data.txt")],
+        run=["sh /opt/setup.sh"], env={"TEMPLATE_VAR": "tv"}, workdir="/workspace",
+    )
+
+
+async def sh(engine: Engine, sandbox_id: str, cmd: str) -> tuple[int | None, str]:
+    r = await engine.run(sandbox_id, ExecRequest(cmd=cmd))
+    return r.exit_code, r.stdout + r.stderr
+
+
+# ----- build and use -------------------------------------------------------------------------
+
+async def test_build_and_use_on_namespace(tengine: Engine, tmp_path: Path,
+                                          packages: PackageServer) -> None:
+    events: list[dict[str, Any]] = []
+    info = await tengine.build_template(full_spec("py-data", tmp_path), progress=events.append)
+    assert info.name == "py-data" and len(info.hash) == 64
+    assert [e["title"] for e in events if e["type"] == "step"][:2] == [
+        "apt-get update", "apt install sealbox-hello"]
+    assert any(r.startswith(DEB_HOST) for r in packages.requests)
+    sb = await tengine.create(SandboxSpec(runtime="namespace", template="py-data"))
+    try:
+        assert sb.template == "py-data"
+        code, out = await sh(tengine, sb.id, "sealbox-hello")
+        assert (code, out.strip()) == (0, "hello from a deb")
+        code, out = await sh(tengine, sb.id,
+                             "python3 -c 'import sealbox_hello; print(sealbox_hello.GREETING)'")
+        assert (code, out.strip()) == (0, "hello from a wheel")
+        code, out = await sh(tengine, sb.id, "sealbox-hello-js")
+        assert (code, out.strip()) == (0, "hello from npm")
+        code, out = await sh(tengine, sb.id,
+                             "cat /opt/sealbox-configured /workspace/data.txt; echo $TEMPLATE_VAR")
+        assert out.split() == ["configured", "data", "tv"]
+        code, out = await sh(tengine, sb.id, "dpkg -s sealbox-hello | grep Status")
+        assert "install ok installed" in out
+        # The layer is read-only inside.
+        for path in ("/usr/bin/sealbox-hello", "/opt/setup.sh", "/usr/local/newfile"):
+            code, out = await sh(tengine, sb.id, f"echo x > {path}")
+            assert code != 0, path
+        code, _ = await sh(tengine, sb.id, "rm -f /usr/bin/sealbox-hello")
+        assert code != 0
+        # No set-id file and nothing but root ownership reached the layer on the host.
+        layer = tengine.templates.dir(info.hash) / "layer"
+        for p in layer.rglob("*"):
+            st = p.lstat()
+            assert st.st_uid == 0 and not st.st_mode & 0o6000, p
+    finally:
+        await tengine.kill(sb.id)
+    # A sandbox without the template does not see it.
+    plain = await tengine.create(SandboxSpec(runtime="namespace"))
+    try:
+        code, _ = await sh(tengine, plain.id, "command -v sealbox-hello")
+        assert code != 0
+    finally:
+        await tengine.kill(plain.id)
+
+
+async def test_cache_hit_and_changed_input(tengine: Engine, tmp_path: Path) -> None:
+    f = tmp_path / "f.txt"
+    f.write_text("one\n")
+    spec = TemplateSpec(name="small", files=[TemplateFile(src=str(f), dest="/opt/f.txt")],
+                        run=["echo built >> /opt/built"])
+    first = await tengine.build_template(spec)
+    log1 = tengine.template_log("small")
+    events: list[dict[str, Any]] = []
+    again = await tengine.build_template(spec.model_copy(update={"name": "small2"}),
+                                         progress=events.append)
+    assert again.hash == first.hash
+    assert [e["type"] for e in events] == ["cached"]  # no build ran
+    assert {t.name for t in tengine.list_templates()} >= {"small", "small2"}
+    f.write_text("two\n")
+    changed = await tengine.build_template(spec)
+    assert changed.hash != first.hash
+    assert "==> run echo built" in log1
+    sb = await tengine.create(SandboxSpec(runtime="namespace", template="small"))
+    try:
+        _, out = await sh(tengine, sb.id, "cat /opt/f.txt /opt/built")
+        assert out.split() == ["two", "built"]
+    finally:
+        await tengine.kill(sb.id)
+
+
+async def test_gvisor_sees_the_layer(tengine: Engine) -> None:
+    probe = __import__("sealbox.runtimes.registry", fromlist=["get"]).get("gvisor").probe()
+    if not probe.ok:
+        pytest.skip(probe.detail)
+    await tengine.build_template(TemplateSpec(name="gv", run=["echo gv > /opt/gv.txt"],
+                                              env={"GV": "1"}))
+    sb = await tengine.create(SandboxSpec(runtime="gvisor", template="gv"))
+    try:
+        code, out = await sh(tengine, sb.id, "cat /opt/gv.txt; echo $GV; echo x > /opt/y")
+        assert out.split()[:2] == ["gv", "1"] and code != 0
+    finally:
+        await tengine.kill(sb.id)
+
+
+async def test_microvm_refuses_templates(tengine: Engine) -> None:
+    await tengine.build_template(TemplateSpec(name="mv", run=["touch /opt/mv"]))
+    with pytest.raises(ConfigError, match="microvm"):
+        await tengine.create(SandboxSpec(runtime="microvm", template="mv"))
+
+
+# ----- bad specs -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, match", [
+    ({"name": "x", "colour": "red"}, "colour"),
+    ({"name": "Bad Name"}, "name"),
+    ({"name": "x", "apt": ["--allow-unauthenticated"]}, "apt package"),
+    ({"name": "x", "pip": ["-e ."]}, "pip requirement"),
+    ({"name": "x", "files": [{"src": "/etc/hosts", "dest": "relative"}]}, "dest"),
+    ({"name": "x", "files": [{"src": "/etc/hosts", "dest": "/opt/../etc/x"}]}, "dest"),
+    ({"name": "x", "apt_sources": ["deb file:/srv ./"]}, "http"),
+])
+def test_bad_spec_fields(body: dict[str, Any], match: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=match):
+        TemplateSpec.model_validate(body)
+
+
+async def test_bad_specs_at_build(tengine: Engine, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        await tengine.build_template(TemplateSpec(
+            name="x", files=[TemplateFile(src=str(tmp_path / "nope"), dest="/opt/nope")]))
+    with pytest.raises(ConfigError, match="debian"):
+        await tengine.build_template(TemplateSpec(name="x", base="debian"))
+    with pytest.raises(CommandError, match="exit code 3") as exc:
+        await tengine.build_template(TemplateSpec(
+            name="broken", run=["echo step-one-output", "echo about-to-fail; exit 3"]))
+    assert "about-to-fail" in exc.value.message  # the log tail
+    assert not tengine.templates.exists("broken")
+    assert "about-to-fail" in tengine.template_log("broken")
+    assert not list(tengine.templates.root.glob(".build-*"))
+    with pytest.raises(NotFoundError, match="no template"):
+        await tengine.create(SandboxSpec(runtime="namespace", template="broken"))
+
+
+async def test_build_egress_is_limited(tengine: Engine, packages: PackageServer) -> None:
+    probe = (f"python3 -c \"import urllib.request as u; u.urlopen('http://{OTHER_HOST}/leak')\""
+             " && echo reached > /workspace/r || echo blocked > /workspace/r")
+    await tengine.build_template(TemplateSpec(name="egress", run=[probe],
+                                              allow_net=[DEB_HOST]))
+    assert not any(r.startswith(OTHER_HOST) for r in packages.requests)
+    sb = await tengine.create(SandboxSpec(runtime="namespace", template="egress"))
+    try:
+        _, out = await sh(tengine, sb.id, "cat /workspace/r")
+        assert out.strip() == "blocked"
+    finally:
+        await tengine.kill(sb.id)
+    # The same request is let through once its host is allowed: the block above was the policy.
+    allowed = probe.replace("/leak", "/allowed")
+    await tengine.build_template(TemplateSpec(name="egress2", run=[allowed],
+                                              allow_net=[OTHER_HOST]))
+    assert any(r.startswith(OTHER_HOST) and r.endswith("/allowed") for r in packages.requests)
+
+
+async def test_template_not_found_and_rm(tengine: Engine) -> None:
+    with pytest.raises(NotFoundError, match="no template 'nope'"):
+        await tengine.create(SandboxSpec(runtime="namespace", template="nope"))
+    info = await tengine.build_template(TemplateSpec(name="gone", run=["touch /opt/g"]))
+    tengine.remove_template("gone")
+    assert not tengine.templates.dir(info.hash).exists()
+    with pytest.raises(NotFoundError):
+        tengine.remove_template("gone")
+
+
+# ----- snapshots and fork --------------------------------------------------------------------
+
+async def test_snapshot_then_create(tengine: Engine) -> None:
+    await tengine.build_template(TemplateSpec(name="base", run=["echo base > /opt/base"]))
+    sb = await tengine.create(SandboxSpec(runtime="namespace", template="base"))
+    try:
+        await sh(tengine, sb.id, "mkdir -p /workspace/proj && echo v1 > /workspace/proj/a")
+        snap = await tengine.snapshot(sb.id, "my-env")
+        assert snap.kind == "snapshot" and snap.parent == "base"
+    finally:
+        await tengine.kill(sb.id)
+    new = await tengine.create(SandboxSpec(runtime="namespace", template="my-env"))
+    try:
+        _, out = await sh(tengine, new.id, "cat /workspace/proj/a /opt/base")
+        assert out.split() == ["v1", "base"]
+    finally:
+        await tengine.kill(new.id)
+    with pytest.raises(ConfigError, match="invalid"):
+        await tengine.snapshot(new.id, "../etc")
+
+
+async def test_snapshot_of_plain_sandbox_and_names(tengine: Engine) -> None:
+    sb = await tengine.create(SandboxSpec(runtime="namespace"))
+    try:
+        await sh(tengine, sb.id, "echo plain > /workspace/p")
+        for bad in ("", "UPPER", "a/b", "x" * 80, "-lead"):
+            with pytest.raises(ConfigError):
+                await tengine.snapshot(sb.id, bad)
+        snap = await tengine.snapshot(sb.id, "plain")
+        assert snap.layer is None and snap.parent is None
+    finally:
+        await tengine.kill(sb.id)
+    new = await tengine.create(SandboxSpec(runtime="namespace", template="plain"))
+    try:
+        _, out = await sh(tengine, new.id, "cat /workspace/p")
+        assert out.strip() == "plain"
+    finally:
+        await tengine.kill(new.id)
+
+
+async def test_snapshot_other_tenant_is_not_found(tengine: Engine) -> None:
+    sb = await tengine.create(SandboxSpec(runtime="namespace"), owner="alice")
+    try:
+        with pytest.raises(NotFoundError):
+            await tengine.snapshot(sb.id, "stolen", owner="mallory")
+        with pytest.raises(NotFoundError):
+            await tengine.fork(sb.id, owner="mallory")
+        assert not tengine.templates.exists("stolen", "mallory")
+    finally:
+        await tengine.kill(sb.id)
+
+
+async def test_fork_diverges_both_ways(tengine: Engine) -> None:
+    parent = await tengine.create(SandboxSpec(runtime="namespace", env={"P": "1"}))
+    child_id = None
+    try:
+        await sh(tengine, parent.id, "echo before > /workspace/shared")
+        child = await tengine.fork(parent.id)
+        child_id = child.id
+        assert child.id != parent.id and child.metadata["sealbox.forked_from"] == parent.id
+        _, out = await sh(tengine, child.id, "cat /workspace/shared; echo $P")
+        assert out.split() == ["before", "1"]
+        await sh(tengine, child.id, "echo child > /workspace/only-child")
+        await sh(tengine, parent.id, "echo parent > /workspace/only-parent; "
+                                     "echo changed > /workspace/shared")
+        code, _ = await sh(tengine, parent.id, "test -e /workspace/only-child")
+        assert code != 0
+        code, _ = await sh(tengine, child.id, "test -e /workspace/only-parent")
+        assert code != 0
+        _, out = await sh(tengine, child.id, "cat /workspace/shared")
+        assert out.strip() == "before"
+    finally:
+        await tengine.kill(parent.id)
+        if child_id:
+            await tengine.kill(child_id)
+
+
+async def test_hostile_snapshot_content(tengine: Engine, tmp_path: Path) -> None:
+    marker = tmp_path / "host-marker"
+    marker.write_text("host secret\n")
+    os.chmod(tmp_path, 0o755)
+    sb = await tengine.create(SandboxSpec(runtime="namespace", disk="64MiB"))
+    try:
+        await sh(tengine, sb.id,
+                 f"cd /workspace && ln -s /etc/shadow shadow && ln -s {marker} marker && "
+                 "ln -s ../../../../../ up && mkfifo fifo && "
+                 "head -c 40000000 /dev/zero > big")
+        snap = await tengine.snapshot(sb.id, "hostile")
+    finally:
+        await tengine.kill(sb.id)
+    assert marker.read_text() == "host secret\n"
+    # What the host stored is the sandbox's own tar: unpacked only inside sandboxes.
+    assert not list(tengine.templates.dir(snap.hash).rglob("shadow"))
+    new = await tengine.create(SandboxSpec(runtime="namespace", template="hostile"))
+    try:
+        _, out = await sh(tengine, new.id, "cat /workspace/shadow | wc -c; "
+                                           "readlink /workspace/up; cat /workspace/marker")
+        lines = out.split("\n")
+        assert lines[0].strip() == "0"  # the sandbox's masked /etc/shadow, not the host's
+        assert "host secret" not in out
+        code, _ = await sh(tengine, new.id, "echo x > /workspace/up/etc/passwd-evil")
+        assert code != 0
+    finally:
+        await tengine.kill(new.id)
+    # Past the disk limit: the new sandbox fails to start, cleanly, with a clear error.
+    with pytest.raises(SandboxError, match="disk limit"):
+        await tengine.create(SandboxSpec(runtime="namespace", template="hostile", disk="32MiB"))
+    assert not [i for i in tengine.list() if i.template == "hostile"]
