@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sealbox._sys import cgroups, netns
+from sealbox._sys import volumes as sysvol
 from sealbox.engine.config import EngineConfig
 from sealbox.engine.engine import NETNS_PREFIX, Engine
 from sealbox.runtimes.namespace import HOST_UID_BASE, HOST_UID_SPAN
@@ -43,6 +44,8 @@ def leftovers() -> dict[str, list[str]]:
         "cgroups": cgroups.list_names(),
         "run_dirs": sorted(p.name for p in RUN_ROOT.glob("sb*")) if RUN_ROOT.is_dir() else [],
         "processes": [str(p) for p in sandbox_processes()],
+        "volume_mounts": sysvol.mounts_under(RUN_ROOT / "volumes"),
+        "loop_devices": sysvol.leaked_loops(),
     }
     return {k: v for k, v in found.items() if v}
 

@@ -1,0 +1,205 @@
+"""Pause and resume: frozen processes keep their state, the timeout clock stops, and a paused
+sandbox survives its server being SIGKILLed (with its files; processes where the tier can)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sealbox import Sandbox
+from sealbox._sys import cgroups, netns
+from sealbox.engine.engine import Engine, netns_name
+from sealbox.engine.spec import ExecRequest, SandboxSpec, SandboxState, VolumeMount
+from sealbox.engine.volumes import VolumeCreate
+from sealbox.errors import SandboxError
+from support.server import ADMIN_KEY, start_server
+
+from conftest import RUN_ROOT
+
+pytestmark = pytest.mark.privileged
+TIERS = ["namespace", "gvisor"]
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /data/c; sleep 0.1; done"
+SEALBOX = str(Path(sys.executable).parent / "sealbox")
+
+
+def read_counter(path: Path) -> int:
+    for _ in range(50):
+        text = path.read_text().strip() if path.exists() else ""
+        if text:  # never mid-write: the shell truncates then writes
+            return int(text)
+        time.sleep(0.02)
+    raise AssertionError(f"no counter value in {path}")
+
+
+def wait_counter_above(path: Path, value: int, timeout: float = 20) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            now = int(path.read_text().strip())
+            if now > value:
+                return now
+        time.sleep(0.05)
+    raise AssertionError(f"counter in {path} did not pass {value}")
+
+
+def gone(sid: str) -> list[str]:
+    left = []
+    if netns.exists(netns_name(sid)):
+        left.append("netns")
+    if cgroups.Cgroup(sid).exists():
+        left.append("cgroup")
+    if (RUN_ROOT / sid).exists():
+        left.append("run dir")
+    return left
+
+
+@pytest.mark.parametrize("runtime", TIERS)
+async def test_counter_keeps_counting_from_where_it_was(engine: Engine, runtime: str) -> None:
+    # The counter writes into a volume so the host can read it while the sandbox is frozen.
+    engine.volumes.create(VolumeCreate(name="count", size="16MiB"))
+    counter = RUN_ROOT / "volumes" / "local" / "count" / "c"
+    info = await engine.create(SandboxSpec(runtime=runtime, timeout=120,
+                                           volumes=[VolumeMount(name="count", path="/data")]))
+    await engine.run(info.id, ExecRequest(cmd=COUNTER, background=True))
+    wait_counter_above(counter, 5)
+    paused = await engine.pause(info.id)
+    assert paused.state == SandboxState.paused and paused.paused_at is not None
+    at_pause = read_counter(counter)
+    time.sleep(1.0)  # ten ticks of the counter, were it running
+    assert read_counter(counter) == at_pause
+    with pytest.raises(SandboxError, match="paused"):
+        await engine.run(info.id, ExecRequest(cmd="true"))
+    with pytest.raises(SandboxError, match="paused"):
+        await engine.pause(info.id)
+    resumed = await engine.resume(info.id)
+    assert resumed.state == SandboxState.running and resumed.paused_at is None
+    assert resumed.resumed_processes is True
+    after = wait_counter_above(counter, at_pause)
+    # The same shell kept its variable: it continued from where it was, not from 1.
+    assert at_pause < after <= at_pause + 50
+    with pytest.raises(SandboxError, match="not paused"):
+        await engine.resume(info.id)
+    await engine.kill(info.id)
+    assert gone(info.id) == []
+
+
+async def test_timeout_clock_stops_while_paused(engine: Engine) -> None:
+    info = await engine.create(SandboxSpec(runtime="namespace", timeout=3))
+    assert info.expires_at is not None
+    await engine.pause(info.id)
+    time.sleep(5)  # longer than the whole timeout
+    resumed = await engine.resume(info.id)
+    assert resumed.state == SandboxState.running
+    assert resumed.expires_at is not None and resumed.expires_at > info.expires_at
+    r = await engine.run(info.id, ExecRequest(cmd="echo alive"))
+    assert r.stdout == "alive\n"
+    ended = await engine.wait(info.id)
+    assert ended.state == SandboxState.killed and "timeout" in (ended.end_reason or "")
+    assert gone(info.id) == []
+
+
+@pytest.mark.parametrize("runtime", TIERS)
+async def test_kill_while_paused_cleans_everything(engine: Engine, runtime: str,
+                                                   data_dir: Path) -> None:
+    info = await engine.create(SandboxSpec(runtime=runtime))
+    await engine.run(info.id, ExecRequest(cmd="sleep 600", background=True))
+    await engine.run(info.id, ExecRequest(cmd="echo x > /workspace/f"))
+    await engine.pause(info.id)
+    assert (data_dir / "paused" / info.id).is_dir()
+    killed = await engine.kill(info.id)
+    assert killed.state == SandboxState.killed
+    assert gone(info.id) == []
+    assert not (data_dir / "paused" / info.id).exists()
+
+
+def test_paused_sandbox_survives_server_sigkill(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    secret_value = "real-secret-never-stored-9f8e7d"
+    server = start_server(data)
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=server.url, timeout=90, headers=auth) as c:
+        r = c.post("/v1/sandboxes", json={
+            "runtime": "namespace", "timeout": "10m", "memory": "256MiB", "env": {"K": "v"},
+            "allow_net": ["api.example.com"],
+            "secrets": {"TOKEN": {"value": secret_value, "hosts": ["api.example.com"]}},
+        })
+        assert r.status_code == 201, r.text
+        created = r.json()
+        sid = created["id"]
+        c.post(f"/v1/sandboxes/{sid}/exec", json={
+            "cmd": "mkdir -p /workspace/sub && echo hello > /workspace/sub/f && "
+                   "head -c 3000000 /dev/urandom > /workspace/blob && sha256sum /workspace/blob"
+                   " > /workspace/sum"}).raise_for_status()
+        c.post(f"/v1/sandboxes/{sid}/exec",
+               json={"cmd": "sleep 600", "background": True}).raise_for_status()
+        paused = c.post(f"/v1/sandboxes/{sid}/pause").json()
+        assert paused["state"] == "paused" and paused["paused_at"]
+    saved = data / "paused" / sid / "resume.json"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    restarted = start_server(data)
+    try:
+        # Still there, still paused; what the dead server ran is cleaned up meanwhile.
+        with httpx.Client(base_url=restarted.url, timeout=90, headers=auth) as c:
+            info = c.get(f"/v1/sandboxes/{sid}").json()
+            assert info["state"] == "paused", info
+            assert "processes" in info["resume_note"]
+            assert [i["id"] for i in c.get("/v1/sandboxes").json()] == [sid]
+        assert gone(sid) == []
+        assert secret_value.encode() not in (data / "state.db").read_bytes()
+        # `sealbox resume` says plainly that processes did not come back.
+        env = {**os.environ, "SEALBOX_URL": restarted.url, "SEALBOX_API_KEY": ADMIN_KEY}
+        r = subprocess.run([SEALBOX, "resume", sid], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "processes NOT restored" in r.stdout
+        with Sandbox.connect(sid, url=restarted.url, api_key=ADMIN_KEY) as sb:
+            assert sb.info.state == SandboxState.running
+            assert sb.info.resumed_processes is False
+            assert sb.info.memory == 256 * 1024**2 and sb.info.allow_net == ["api.example.com"]
+            assert sb.info.created_at.isoformat().startswith(created["created_at"][:19])
+            assert sb.exec("cat /workspace/sub/f").stdout == "hello\n"
+            assert sb.exec("sha256sum -c /workspace/sum").exit_code == 0
+            # Policy and secrets are back: the placeholder, never the value, is in the env.
+            r2 = sb.exec("echo $K $TOKEN; ps -eo args | grep -c 'sleep 60[0]'")
+            assert r2.stdout.startswith("v ") and secret_value not in r2.stdout
+            assert r2.stdout.split()[1] == sb.info.secrets["TOKEN"].placeholder
+            assert r2.stdout.split()[-1] == "0"  # the sleep did not survive: as reported
+        assert not (data / "paused" / sid).exists()
+        assert gone(sid) == []
+    finally:
+        assert restarted.stop()
+
+
+def test_cli_and_sdk_pause_resume(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "data")
+    env = {**os.environ, "SEALBOX_URL": server.url, "SEALBOX_API_KEY": ADMIN_KEY}
+    try:
+        sb = Sandbox.create(runtime="namespace", url=server.url, api_key=ADMIN_KEY)
+        try:
+            r = subprocess.run([SEALBOX, "pause", sb.id], capture_output=True, text=True, env=env)
+            assert r.returncode == 0 and f"paused {sb.id}" in r.stdout, r.stderr
+            r = subprocess.run([SEALBOX, "exec", sb.id, "--", "true"], capture_output=True,
+                               text=True, env=env)
+            assert r.returncode == 1 and "paused" in r.stderr and "Traceback" not in r.stderr
+            again = Sandbox.resume(sb.id, url=server.url, api_key=ADMIN_KEY)
+            assert again.id == sb.id and again.info.resumed_processes is True
+            assert again.exec("echo ok").stdout == "ok\n"
+            again.disconnect()
+            assert sb.pause().state == SandboxState.paused
+            assert sb.resume().state == SandboxState.running
+            r = subprocess.run([SEALBOX, "resume", "sbnosuchsandbox"], capture_output=True,
+                               text=True, env=env)
+            assert r.returncode == 1 and "no sandbox" in r.stderr
+        finally:
+            sb.close()
+    finally:
+        assert server.stop()

@@ -1,0 +1,342 @@
+"""Named volumes end to end: real ext4 images, real loop mounts, real sandboxes on every tier
+that mounts them, the CLI and the REST API as users drive them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sealbox import Sandbox, Volume
+from sealbox._sys import volumes as sysvol
+from sealbox.engine.engine import Engine
+from sealbox.engine.spec import ExecRequest, SandboxSpec, SandboxState, VolumeMount
+from sealbox.engine.volumes import VolumeCreate
+from sealbox.errors import ConfigError, ConflictError, NotFoundError
+from support.server import ADMIN_KEY, Server, start_server
+
+from conftest import RUN_ROOT
+
+pytestmark = pytest.mark.privileged
+TIERS = ["namespace", "gvisor"]
+MiB = 1024 * 1024
+SEALBOX = str(Path(sys.executable).parent / "sealbox")
+
+
+def mounted() -> list[str]:
+    return sysvol.mounts_under(RUN_ROOT / "volumes")
+
+
+async def sh(engine: Engine, sid: str, cmd: str) -> tuple[int, str]:
+    r = await engine.run(sid, ExecRequest(cmd=cmd))
+    return r.exit_code or 0, r.stdout + r.stderr
+
+
+def mount(name: str, path: str = "/data", ro: bool = False) -> VolumeMount:
+    return VolumeMount(name=name, path=path, read_only=ro)
+
+
+# ----- data lives on -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("runtime", TIERS)
+async def test_data_outlives_its_sandbox_and_next_one_can_write(engine: Engine,
+                                                                 runtime: str) -> None:
+    engine.volumes.create(VolumeCreate(name="keep", size="32MiB"))
+    first = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("keep")]))
+    assert first.volumes == [mount("keep")]
+    code, out = await sh(engine, first.id, "mkdir -p /data/d && echo one > /data/d/f && "
+                                           "chmod 600 /data/d/f && cat /data/d/f")
+    assert (code, out) == (0, "one\n")
+    assert engine.volumes.get("keep").used_by == [first.id]
+    await engine.kill(first.id)
+    assert mounted() == [] and sysvol.leaked_loops() == []
+    # A different sandbox (on the namespace tier: a different host uid) reads and writes it.
+    second = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("keep", "/x/y")]))
+    code, out = await sh(engine, second.id, "cat /x/y/d/f && echo two >> /x/y/d/f && "
+                                            "touch /x/y/d/new && cat /x/y/d/f")
+    assert (code, out) == (0, "one\none\ntwo\n"), out
+    await engine.kill(second.id)
+    assert mounted() == [] and sysvol.leaked_loops() == []
+
+
+@pytest.mark.parametrize("runtime", TIERS)
+async def test_size_limit_is_enforced_inside_only(engine: Engine, runtime: str,
+                                                  data_dir: Path) -> None:
+    engine.volumes.create(VolumeCreate(name="small", size="16MiB"))
+    info = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("small")]))
+    code, out = await sh(engine, info.id, "head -c 67108864 /dev/zero > /data/big")
+    assert code != 0 and "No space left on device" in out, out
+    # The sandbox can still work in its volume after filling it (rm frees space).
+    code, out = await sh(engine, info.id, "rm /data/big && echo ok > /data/ok && cat /data/ok")
+    assert (code, out) == (0, "ok\n")
+    await engine.kill(info.id)
+    image = next(data_dir.glob(f"volumes/*/small/{sysvol.IMAGE_NAME}"))
+    # The host never holds more than the volume's size for it.
+    assert image.stat().st_size == 16 * MiB and image.stat().st_blocks * 512 <= 16 * MiB
+
+
+@pytest.mark.parametrize("runtime", TIERS)
+async def test_read_only_mounts_cannot_write_and_can_share(engine: Engine, runtime: str) -> None:
+    engine.volumes.create(VolumeCreate(name="ro", size="16MiB"))
+    writer = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("ro")]))
+    assert (await sh(engine, writer.id, "echo data > /data/f"))[0] == 0
+    await engine.kill(writer.id)
+    readers = [await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("ro", ro=True)]))
+               for _ in range(2)]
+    for r in readers:
+        code, out = await sh(engine, r.id, "cat /data/f; echo x > /data/g")
+        assert code != 0 and out.startswith("data\n") and "Read-only file system" in out, out
+    assert sorted(engine.volumes.get("ro").used_by) == sorted(r.id for r in readers)
+    # A writer is refused while readers use it.
+    with pytest.raises(ConflictError, match="read-only by sandbox"):
+        await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("ro")]))
+    for r in readers:
+        await engine.kill(r.id)
+    assert mounted() == []
+
+
+async def test_one_writer_at_a_time(engine: Engine) -> None:
+    engine.volumes.create(VolumeCreate(name="w", size="16MiB"))
+    a = await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("w")]))
+    with pytest.raises(ConflictError, match="read-write by sandbox"):
+        await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("w")]))
+    with pytest.raises(ConflictError, match="read-write by sandbox"):
+        await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("w", ro=True)]))
+    # Refused before anything started: nothing of the refused sandboxes exists.
+    assert [i.id for i in engine.list()] == [a.id]
+    with pytest.raises(ConflictError, match="in use"):
+        engine.volumes.delete("w")
+    await engine.kill(a.id)
+    b = await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("w")]))
+    await engine.kill(b.id)
+    engine.volumes.delete("w")
+    with pytest.raises(NotFoundError):
+        engine.volumes.get("w")
+
+
+# ----- escapes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("runtime", TIERS)
+async def test_symlinks_and_dotdot_stay_inside(engine: Engine, runtime: str,
+                                               tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("host secret\n")
+    victim.chmod(0o600)
+    engine.volumes.create(VolumeCreate(name="esc", size="16MiB"))
+    engine.volumes.create(VolumeCreate(name="other", size="16MiB"))
+    other = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("other")]))
+    info = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("esc")]))
+    code, out = await sh(engine, info.id,
+                         f"ln -s {victim} /data/v && ln -s / /data/root && "
+                         f"ln -s ../../../../../{tmp_path} /data/up; "
+                         f"cat /data/v; cat /data/up/victim; cat /data/root{victim}; "
+                         f"cat /data/../../{victim}; "
+                         # (python, not ls: gVisor 2022 fails ls' statx)
+                         "python3 -c 'import os; print(sorted(os.listdir(\"/data/..\")))'; "
+                         "python3 -c 'import os; print(os.path.exists(\"/data/../other\"))'")
+    assert "host secret" not in out, out
+    assert "cat: /data/v: No such file" in out, out
+    # `..` of the mount is the sandbox's own root: the host's volume directory (where the
+    # other volume is mounted) is not reachable.
+    assert "'workspace'" in out and "False\n" in out, out
+    await engine.kill(info.id)
+    await engine.kill(other.id)
+    # Attaching read-write again gives the volume's files to the new sandbox's uid: the host
+    # must not follow the planted symlinks while doing so.
+    again = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("esc")]))
+    assert victim.stat().st_uid == 0 and victim.stat().st_mode & 0o777 == 0o600
+    assert victim.read_text() == "host secret\n"
+    assert tmp_path.stat().st_uid == 0
+    await engine.kill(again.id)
+
+
+@pytest.mark.parametrize("path", [
+    "data", "/", "/workspace", "/proc/x", "/etc", "/etc/ssl", "/dev/shm", "/sys/x", "/.sealbox",
+    "/data/../etc", "/usr/local/x", "/run/x",
+])
+def test_bad_mount_paths_are_refused(path: str) -> None:
+    with pytest.raises(ValueError, match="mount|path|volume"):
+        SandboxSpec(volumes=[{"name": "v", "path": path}])  # type: ignore[list-item]
+
+
+async def test_bad_volume_input_is_a_clear_error(engine: Engine) -> None:
+    with pytest.raises(NotFoundError, match="no volume 'nope'"):
+        await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("nope")]))
+    for name, size in [("Bad Name", "16MiB"), ("../x", "16MiB"), ("ok", "lots"), ("ok", "1KiB"),
+                       ("ok", "-5")]:
+        with pytest.raises(ValueError):
+            VolumeCreate.model_validate({"name": name, "size": size})
+    engine.volumes.create(VolumeCreate(name="dup", size="16MiB"))
+    with pytest.raises(ConflictError, match="already exists"):
+        engine.volumes.create(VolumeCreate(name="dup", size="16MiB"))
+    with pytest.raises(ConfigError, match="microvm"):
+        await engine.create(SandboxSpec(runtime="microvm", volumes=[mount("dup")]))
+    with pytest.raises(ValueError, match="twice"):
+        SandboxSpec(volumes=[mount("dup"), mount("dup", "/other")])
+    with pytest.raises(ValueError, match="overlap"):
+        SandboxSpec(volumes=[mount("dup"), mount("dup2", "/data/sub")])
+    assert engine.list() == [] and mounted() == []
+
+
+# ----- CLI ---------------------------------------------------------------------------------------
+
+def sealbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SEALBOX, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_cli_volumes_embedded(tmp_path: Path) -> None:
+    env = {"SEALBOX_DATA_DIR": str(tmp_path / "data"), "SEALBOX_URL": ""}
+    r = sealbox("volume", "create", "cache", "--size", "32MiB", env=env)
+    assert r.returncode == 0 and "created volume cache (32 MiB)" in r.stdout, r.stderr
+    r = sealbox("run", "--runtime", "namespace", "--volume", "cache:/cache", "--",
+                "sh", "-c", "echo hello > /cache/f", env=env)
+    assert r.returncode == 0, r.stderr
+    r = sealbox("run", "--runtime", "namespace", "--volume", "cache:/cache:ro", "--",
+                "cat", "/cache/f", env=env)
+    assert (r.returncode, r.stdout) == (0, "hello\n"), r.stderr
+    r = sealbox("volume", "ls", env=env)
+    assert r.returncode == 0 and "cache" in r.stdout and "32 MiB" in r.stdout
+    for args, needle in [
+        (["run", "--volume", "nope:/x", "--", "true"], "no volume 'nope'"),
+        (["run", "--volume", "cache", "--", "true"], "NAME:/path"),
+        (["run", "--volume", "cache:/etc/x", "--", "true"], "/etc"),
+        (["run", "--volume", "cache:rel", "--", "true"], "absolute"),
+        (["volume", "create", "x", "--size", "huge"], "size"),
+        (["volume", "create", "Bad/Name"], "invalid"),
+        (["volume", "rm", "nope"], "no volume"),
+    ]:
+        r = sealbox(*args, env=env)
+        assert r.returncode in (1, 2), (args, r.stdout, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = sealbox("volume", "rm", "cache", env=env)
+    assert r.returncode == 0, r.stderr
+    assert mounted() == [] and sysvol.leaked_loops() == []
+
+
+# ----- API: tenants, errors, a server that dies --------------------------------------------------
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = start_server(tmp_path / "data")
+    yield srv
+    if srv.proc.poll() is None:
+        assert srv.stop(), srv.log.read_text()
+
+
+def _key(server: Server, tenant: str) -> dict[str, str]:
+    r = httpx.post(f"{server.url}/v1/keys", json={"tenant": tenant},
+                   headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['key']}"}
+
+
+def test_api_volumes_belong_to_their_tenant(server: Server) -> None:
+    alice, bob = _key(server, "alice"), _key(server, "bob")
+    with httpx.Client(base_url=server.url, timeout=90) as c:
+        r = c.post("/v1/volumes", json={"name": "cache", "size": "32MiB"}, headers=alice)
+        assert r.status_code == 201 and r.json()["size"] == 32 * MiB, r.text
+        assert c.get("/v1/volumes/cache", headers=bob).status_code == 404
+        assert c.delete("/v1/volumes/cache", headers=bob).status_code == 404
+        assert c.get("/v1/volumes", headers=bob).json() == []
+        r = c.post("/v1/sandboxes", json={"runtime": "namespace",
+                                          "volumes": [{"name": "cache", "path": "/c"}]},
+                   headers=bob)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        # Bob's own "cache" is a different volume.
+        assert c.post("/v1/volumes", json={"name": "cache", "size": "16MiB"},
+                      headers=bob).status_code == 201
+        r = c.post("/v1/sandboxes", json={"runtime": "namespace",
+                                          "volumes": [{"name": "cache", "path": "/c"}]},
+                   headers=alice)
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        assert r.json()["volumes"] == [{"name": "cache", "path": "/c", "read_only": False}]
+        r = c.delete("/v1/volumes/cache", headers=alice)
+        assert r.status_code == 409 and sid in r.json()["error"]["message"]
+        assert c.get("/v1/volumes/cache", headers=alice).json()["used_by"] == [sid]
+        for body, code in [
+            ({"name": "Bad Name"}, 400), ({"name": "ok", "size": "lots"}, 400),
+            ({"name": "ok", "size": 1}, 400), ({"name": "ok", "extra": 1}, 400),
+            ({"name": "cache"}, 409),
+        ]:
+            r = c.post("/v1/volumes", json=body, headers=alice)
+            assert r.status_code == code, (body, r.text)
+            assert "error" in r.json()
+        r = c.post("/v1/sandboxes", json={"runtime": "namespace",
+                                          "volumes": [{"name": "cache", "path": "/proc/x"}]},
+                   headers=alice)
+        assert r.status_code == 400 and "/proc" in r.json()["error"]["message"]
+        assert c.delete(f"/v1/sandboxes/{sid}", headers=alice).status_code == 200
+        assert c.delete("/v1/volumes/cache", headers=alice).status_code == 200
+    assert mounted() == [] and sysvol.leaked_loops() == []
+
+
+def test_server_sigkill_leaves_no_mount_after_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server = start_server(data)
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=server.url, timeout=90, headers=auth) as c:
+        assert c.post("/v1/volumes", json={"name": "v", "size": "16MiB"}).status_code == 201
+        r = c.post("/v1/sandboxes", json={"runtime": "namespace",
+                                          "volumes": [{"name": "v", "path": "/v"}]})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "echo kept > /v/f"}).raise_for_status()
+    assert len(mounted()) == 1
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    restarted = start_server(data)
+    try:
+        assert mounted() == [] and sysvol.leaked_loops() == []
+        with httpx.Client(base_url=restarted.url, timeout=90, headers=auth) as c:
+            assert c.get(f"/v1/sandboxes/{sid}").json()["state"] == "killed"
+            assert c.get("/v1/volumes/v").json()["used_by"] == []
+            r = c.post("/v1/sandboxes", json={"runtime": "namespace",
+                                              "volumes": [{"name": "v", "path": "/v"}]})
+            assert r.status_code == 201, r.text
+            r2 = c.post(f"/v1/sandboxes/{r.json()['id']}/exec", json={"cmd": "cat /v/f"})
+            assert r2.json()["stdout"] == "kept\n"
+            c.delete(f"/v1/sandboxes/{r.json()['id']}")
+    finally:
+        assert restarted.stop()
+    assert mounted() == [] and sysvol.leaked_loops() == []
+
+
+# ----- SDK ---------------------------------------------------------------------------------------
+
+def test_sdk_volumes_remote(server: Server) -> None:
+    opts = {"url": server.url, "api_key": ADMIN_KEY}
+    assert Volume.create("sdkvol", "16MiB", **opts).name == "sdkvol"
+    assert [v.name for v in Volume.list(**opts)] == ["sdkvol"]
+    with Sandbox.create(runtime="namespace", volumes={"/mnt/v": "sdkvol"}, **opts) as sb:
+        assert sb.exec("echo 1 > /mnt/v/f").exit_code == 0
+        assert sb.info.volumes == [VolumeMount(name="sdkvol", path="/mnt/v")]
+    with Sandbox.create(runtime="namespace", volumes={"sdkvol": "/v"}, **opts) as sb:
+        assert sb.exec("cat /v/f").stdout == "1\n"
+    with Sandbox.create(runtime="namespace", **opts,
+                        volumes=[VolumeMount(name="sdkvol", path="/v", read_only=True)]) as sb:
+        assert sb.exec("touch /v/g").exit_code != 0
+    assert Volume.delete("sdkvol", **opts).name == "sdkvol"
+    with pytest.raises(NotFoundError):
+        Volume.get("sdkvol", **opts)
+    assert mounted() == []
+
+
+async def test_damaged_volume_fails_create_cleanly(engine: Engine, data_dir: Path) -> None:
+    """A volume whose image is damaged fails the create with a clear error and leaves nothing."""
+    engine.volumes.create(VolumeCreate(name="broken", size="16MiB"))
+    image = next(data_dir.glob(f"volumes/*/broken/{sysvol.IMAGE_NAME}"))
+    with open(image, "r+b") as f:
+        f.write(b"\0" * (2 * MiB))  # wipes the superblock
+    with pytest.raises(ConfigError, match="cannot mount volume"):
+        await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("broken")]))
+    assert [i.state for i in engine.list(include_ended=True)] == [SandboxState.failed]
+    assert mounted() == [] and sysvol.leaked_loops() == []
