@@ -1,6 +1,7 @@
 """sealbox: self-hosted sandboxes for agent code; real credentials never enter the sandbox."""
 
 from sealbox.engine.spec import ExecResult, SandboxInfo, SandboxState, VolumeMount
+from sealbox.engine.templates import TemplateFile, TemplateInfo, TemplateSpec
 from sealbox.engine.volumes import VolumeInfo
 from sealbox.errors import (
     AuthError,
@@ -16,12 +17,13 @@ from sealbox.errors import (
     SealboxError,
     ServerError,
 )
-from sealbox.sdk.async_sandbox import AsyncSandbox, AsyncVolume
+from sealbox.sdk.async_sandbox import AsyncSandbox, AsyncTemplate, AsyncVolume
 from sealbox.sdk.secret import Secret
-from sealbox.sdk.sync_sandbox import Sandbox, Volume
+from sealbox.sdk.sync_sandbox import Sandbox, Template, Volume
 
 __all__ = [
     "AsyncSandbox",
+    "AsyncTemplate",
     "AsyncVolume",
     "AuthError",
     "CommandError",
@@ -40,6 +42,10 @@ __all__ = [
     "SealboxError",
     "Secret",
     "ServerError",
+    "Template",
+    "TemplateFile",
+    "TemplateInfo",
+    "TemplateSpec",
     "Volume",
     "VolumeInfo",
     "VolumeMount",

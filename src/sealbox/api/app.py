@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from sealbox.api import errors, routes_exec, routes_files, routes_sandboxes, routes_system
 from sealbox.api import preview, routes_pools, routes_ssh_keys, routes_volumes
+from sealbox.api import routes_templates
 from sealbox.api.auth import KeyRing
 from sealbox.engine.engine import Engine
 
@@ -51,6 +52,7 @@ def create_app(engine: Engine, keys: KeyRing) -> FastAPI:
     for module in (routes_system, routes_sandboxes, routes_exec, routes_files, routes_pools):
         app.include_router(module.router)
     app.include_router(routes_volumes.router)
+    app.include_router(routes_templates.router)
     preview.install(app)
     routes_ssh_keys.install(app, engine)
     return app

@@ -14,6 +14,7 @@ from sealbox.cli.reach import code, expose, ssh_key_app
 from sealbox.cli.run import run
 from sealbox.cli.sandboxes import create, egress, kill, logs, ls
 from sealbox.cli.server import server
+from sealbox.cli.templates import fork, snapshot, template_app
 from sealbox.cli.volumes import volume_app
 
 app = typer.Typer(
@@ -40,6 +41,9 @@ app.add_typer(ssh_key_app, name="ssh-key")
 app.add_typer(policy_app, name="policy")
 app.add_typer(pool_app, name="pool")
 app.add_typer(volume_app, name="volume")
+app.add_typer(template_app, name="template")
+app.command()(snapshot)
+app.command()(fork)
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ def run(
     resolve: ResolveOpt = None, upstream_ca: UpstreamCaOpt = None,
     workspace: Annotated[Path | None, typer.Option(help="host dir mounted at /workspace")] = None,
     volume: VolumeOpt = None,
+    template: Annotated[str | None, typer.Option(help="template to start from")] = None,
 ) -> None:
     """Run CMD in a fresh sandbox; stream its output; exit with its code; leave nothing behind."""
 
@@ -52,6 +53,7 @@ def run(
             **sandbox_spec_fields(runtime, allow_net, secret, env, timeout, cpus, memory, pids,
                                   disk),
             workspace=str(workspace) if workspace else None, volumes=parse_volumes(volume),
+            template=template,
         )
         backend = EmbeddedBackend(EngineConfig(
             resolve=parse_pins(resolve or []), upstream_ca=parse_cas(upstream_ca or []),

@@ -41,12 +41,14 @@ def create(
     env: EnvOpt = None, timeout: TimeoutOpt = "30m", cpus: CpusOpt = None,
     memory: MemoryOpt = None, pids: PidsOpt = None, disk: DiskOpt = None,
     volume: VolumeOpt = None,
+    template: Annotated[str | None, typer.Option(help="template to start from")] = None,
 ) -> None:
     """Create a sandbox on the server; prints its id as the last word."""
 
     async def main() -> None:
         spec = make_spec(**sandbox_spec_fields(runtime, allow_net, secret, env, timeout, cpus,
-                                               memory, pids, disk), volumes=parse_volumes(volume))
+                                               memory, pids, disk), volumes=parse_volumes(volume),
+                         template=template)
         url, key = server_url()
         backend = RemoteBackend(url, key)
         try:

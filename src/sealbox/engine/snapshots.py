@@ -94,11 +94,11 @@ async def fork(engine: Engine, sandbox_id: str, owner: str | None) -> SandboxInf
         await workspace_tar.save(live.guest, tmp, _cap(engine, live.info.disk))
         child_spec = spec.model_copy(deep=True)
         child_spec.metadata = {**spec.metadata, "sealbox.forked_from": sandbox_id}
-        info = await engine.create(child_spec, owner=owner)
+        info = await engine.create(child_spec, owner=live.info.owner)
         try:
-            await workspace_tar.restore(engine.guest(info.id, owner), tmp, clear=True)
+            await workspace_tar.restore(engine.guest(info.id), tmp, clear=True)
         except BaseException:
-            await engine.kill(info.id, owner, reason="fork failed")
+            await engine.kill(info.id, reason="fork failed")
             raise
         engine.events.write(sandbox_id, "forked", child=info.id)
         return info

@@ -54,5 +54,6 @@ async def restore(guest: GuestClient, tar: Path, clear: bool = False) -> None:
     _, err, status = await handle.collect()
     if status.exit_code != 0:
         text = err.decode(errors="replace").strip()
-        hint = " (it does not fit this sandbox's disk limit)" if "space" in text else ""
+        full = "space" in text or "Wrote only" in text
+        hint = " (it does not fit this sandbox's disk limit)" if full else ""
         raise SandboxError(f"filling /workspace from the template failed{hint}: {text[-500:]}")

@@ -24,6 +24,7 @@ from sealbox.errors import RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
 from sealbox.runtimes import probe_cache, seccomp
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, launched
+from sealbox.runtimes.layers import layer_binds, mount_layer, unmount_layer
 from sealbox.runtimes.namespace import (
     SANDBOX_UID,
     prepare_run_dir,
@@ -118,11 +119,15 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
     ]
+    layer = layer_binds(spec)
     for top in _SYSTEM_DIRS:
         p = Path("/") / top
         if p.is_dir() and not p.is_symlink():
-            mounts.append({"destination": str(p), "type": "bind", "source": str(p),
-                           "options": ["rbind", "ro"]})
+            mounts.append({"destination": str(p), "type": "bind",
+                           "source": str(layer.get(str(p), p)), "options": ["rbind", "ro"]})
+    if "/var" in layer:
+        mounts.append({"destination": "/var", "type": "bind", "source": str(layer["/var"]),
+                       "options": ["rbind", "ro"]})
     for path in ("/tmp", "/var/tmp", "/run") + (() if spec.workspace else ("/workspace",)):
         mounts.append({"destination": path, "type": "tmpfs", "source": "tmpfs",
                        "options": ["nosuid", "nodev", "mode=1777", *disk]})
@@ -210,6 +215,7 @@ class GvisorSandbox:
         for m in self.spec.mounts:
             # The root is read-only inside: a volume's mount point must exist in the bundle.
             (rootfs / m.sandbox_path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        mount_layer(self.spec)
         (self.bundle / "config.json").write_text(json.dumps(oci_spec(self.spec)))
 
     async def launch(self) -> None:
@@ -287,6 +293,7 @@ class GvisorSandbox:
             except ProcessLookupError:
                 pass
             await self.proc.wait()
+        await asyncio.to_thread(unmount_layer, self.spec.run_dir)
 
     async def _runsc(self, *args: str) -> None:
         # runsc reaches the sandbox over an abstract unix socket, and those are per network

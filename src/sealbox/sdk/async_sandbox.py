@@ -19,6 +19,7 @@ from sealbox.engine.spec import (
     SandboxSpec,
     VolumeMount,
 )
+from sealbox.engine.templates import TemplateInfo, TemplateSpec
 from sealbox.engine.volumes import VolumeInfo
 from sealbox.errors import CommandError, ConfigError
 from sealbox.guest.client import FileInfo, Output
@@ -163,12 +164,14 @@ class AsyncSandbox:
         timeout: float | str | None = 1800, cpus: float | None = None,
         memory: int | str | None = None, pids: int | None = None, disk: int | str | None = None,
         workspace: str | None = None, metadata: Mapping[str, str] | None = None,
-        volumes: VolumesArg = None, url: str | None = None, api_key: str | None = None,
+        volumes: VolumesArg = None, template: str | None = None, url: str | None = None,
+        api_key: str | None = None,
     ) -> AsyncSandbox:
         spec = make_spec(
             runtime=runtime, allow_net=list(allow_net or []), secrets=dict(secrets or {}),
             env=dict(env or {}), timeout=timeout, cpus=cpus, memory=memory, pids=pids, disk=disk,
             workspace=workspace, metadata=dict(metadata or {}), volumes=make_volumes(volumes),
+            template=template,
         )
         backend = _backend(url, api_key)
         return cls(await backend.create(spec), backend)
@@ -279,6 +282,16 @@ class AsyncSandbox:
         finally:
             await self._backend.close()
 
+    async def snapshot(self, name: str) -> TemplateInfo:
+        """Save /workspace as template NAME (filesystem only; the parent template's layer is
+        shared). `AsyncSandbox.create(template=NAME)` starts from it."""
+        return await self._backend.snapshot(self.id, name)
+
+    async def fork(self) -> AsyncSandbox:
+        """A new sandbox with a copy of this one's /workspace and the same template, policy,
+        limits and secrets. Kill it separately."""
+        return AsyncSandbox(await self._backend.fork(self.id), self._backend)
+
     async def __aenter__(self) -> AsyncSandbox:
         return self
 
@@ -322,5 +335,60 @@ class AsyncVolume:
         backend = _backend(url, api_key)
         try:
             return await backend.delete_volume(name)
+        finally:
+            await backend.close()
+
+
+class AsyncTemplate:
+    """Templates: `await AsyncTemplate.build(TemplateSpec(name=..., apt=[...]))`, `list`,
+    `get`, `delete`, `logs` (the same calls embedded or against a server)."""
+
+    @staticmethod
+    async def build(spec: TemplateSpec | Mapping[str, Any], *,
+                    progress: Callable[[dict[str, Any]], None] | None = None,
+                    url: str | None = None, api_key: str | None = None) -> TemplateInfo:
+        """Build (or find built) a template. PROGRESS gets each build event (step, log)."""
+        try:
+            tspec = spec if isinstance(spec, TemplateSpec) else TemplateSpec.model_validate(spec)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid template spec: {validation_message(exc)}") from None
+        backend = _backend(url, api_key)
+        try:
+            return await backend.build_template(tspec, progress)
+        finally:
+            await backend.close()
+
+    @staticmethod
+    async def list(*, url: str | None = None, api_key: str | None = None
+                   ) -> builtins.list[TemplateInfo]:
+        backend = _backend(url, api_key)
+        try:
+            return await backend.list_templates()
+        finally:
+            await backend.close()
+
+    @staticmethod
+    async def get(name: str, *, url: str | None = None, api_key: str | None = None
+                  ) -> TemplateInfo:
+        backend = _backend(url, api_key)
+        try:
+            return await backend.get_template(name)
+        finally:
+            await backend.close()
+
+    @staticmethod
+    async def delete(name: str, *, url: str | None = None, api_key: str | None = None
+                     ) -> TemplateInfo:
+        backend = _backend(url, api_key)
+        try:
+            return await backend.delete_template(name)
+        finally:
+            await backend.close()
+
+    @staticmethod
+    async def logs(name: str, *, url: str | None = None, api_key: str | None = None) -> str:
+        backend = _backend(url, api_key)
+        try:
+            return await backend.template_logs(name)
         finally:
             await backend.close()

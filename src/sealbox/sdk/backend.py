@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import builtins
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, Protocol
 
+from sealbox.engine.templates import TemplateInfo, TemplateSpec
 from sealbox.engine.spec import ExecRequest, ExecResult, SandboxInfo, SandboxSpec
 from sealbox.engine.volumes import VolumeInfo
 from sealbox.guest.client import FileInfo, Output
@@ -81,5 +82,21 @@ class Backend(Protocol):
     async def get_volume(self, name: str) -> VolumeInfo: ...
 
     async def delete_volume(self, name: str) -> VolumeInfo: ...
+
+    async def build_template(self, spec: TemplateSpec,
+                             progress: Callable[[dict[str, Any]], None] | None = None
+                             ) -> TemplateInfo: ...
+
+    async def list_templates(self) -> builtins.list[TemplateInfo]: ...
+
+    async def get_template(self, name: str) -> TemplateInfo: ...
+
+    async def delete_template(self, name: str) -> TemplateInfo: ...
+
+    async def template_logs(self, name: str) -> str: ...
+
+    async def snapshot(self, sandbox_id: str, name: str) -> TemplateInfo: ...
+
+    async def fork(self, sandbox_id: str) -> SandboxInfo: ...
 
     async def close(self) -> None: ...

@@ -5,12 +5,13 @@ from __future__ import annotations
 import builtins
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 from sealbox.engine.config import EngineConfig
 from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, ExecResult, SandboxInfo, SandboxSpec
+from sealbox.engine.templates import TemplateInfo, TemplateSpec
 from sealbox.engine.volumes import VolumeInfo, make_volume_request
 from sealbox.errors import ConfigError
 from sealbox.guest.client import ExecHandle, ExitStatus, FileInfo, Output
@@ -154,6 +155,29 @@ class EmbeddedBackend:
 
     async def delete_volume(self, name: str) -> VolumeInfo:
         return await asyncio.to_thread((await self._engine()).volumes.delete, name)
+
+    async def build_template(self, spec: TemplateSpec,
+                             progress: Callable[[dict[str, Any]], None] | None = None
+                             ) -> TemplateInfo:
+        return await (await self._engine()).build_template(spec, progress=progress)
+
+    async def list_templates(self) -> builtins.list[TemplateInfo]:
+        return (await self._engine()).list_templates()
+
+    async def get_template(self, name: str) -> TemplateInfo:
+        return (await self._engine()).get_template(name)
+
+    async def delete_template(self, name: str) -> TemplateInfo:
+        return await asyncio.to_thread((await self._engine()).remove_template, name)
+
+    async def template_logs(self, name: str) -> str:
+        return (await self._engine()).template_log(name)
+
+    async def snapshot(self, sandbox_id: str, name: str) -> TemplateInfo:
+        return await (await self._engine()).snapshot(sandbox_id, name)
+
+    async def fork(self, sandbox_id: str) -> SandboxInfo:
+        return await (await self._engine()).fork(sandbox_id)
 
     async def close(self) -> None:
         """The shared engine outlives one sandbox; it is closed with the loop (see sync.py)."""

@@ -6,7 +6,7 @@ import builtins
 
 import base64
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -15,6 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from sealbox.engine.spec import ExecRequest, ExecResult, SandboxInfo, SandboxSpec
+from sealbox.engine.templates import TemplateInfo, TemplateSpec
 from sealbox.engine.volumes import VolumeInfo, make_volume_request
 from sealbox.errors import AuthError, ConfigError, ServerError, from_code
 from sealbox.guest.client import FileInfo, Output
@@ -223,6 +224,57 @@ class RemoteBackend:
 
     async def get_volume(self, name: str) -> VolumeInfo:
         return VolumeInfo.model_validate(await self._json("GET", f"/v1/volumes/{quote(name)}"))
+
+    async def build_template(self, spec: TemplateSpec,
+                             progress: Callable[[dict[str, Any]], None] | None = None
+                             ) -> TemplateInfo:
+        # The server does not read the caller's files: they travel inline.
+        body = spec.model_copy(update={"files": [f.inline() for f in spec.files]})
+        try:
+            async with self._http.stream("POST", "/v1/templates",
+                                         json=body.model_dump(mode="json")) as resp:
+                if not resp.is_success:
+                    await resp.aread()
+                    _raise_for(resp)
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "done":
+                        return TemplateInfo.model_validate(event["template"])
+                    if event.get("type") == "error":
+                        raise from_code(event.get("code", "internal"), event.get("message", ""))
+                    if progress is not None:
+                        progress(event)
+        except httpx.TransportError as exc:
+            raise ServerError(f"connection to sealbox server lost: {exc}") from None
+        raise ServerError("the server ended the build stream without a result")
+
+    async def list_templates(self) -> builtins.list[TemplateInfo]:
+        return [TemplateInfo.model_validate(d) for d in await self._json("GET", "/v1/templates")]
+
+    async def get_template(self, name: str) -> TemplateInfo:
+        return TemplateInfo.model_validate(
+            await self._json("GET", f"/v1/templates/{quote(name, safe='')}"))
+
+    async def delete_template(self, name: str) -> TemplateInfo:
+        return TemplateInfo.model_validate(
+            await self._json("DELETE", f"/v1/templates/{quote(name, safe='')}"))
+
+    async def template_logs(self, name: str) -> str:
+        try:
+            resp = await self._http.get(f"/v1/templates/{quote(name, safe='')}/logs")
+        except httpx.TransportError as exc:
+            raise ServerError(f"cannot reach sealbox server at {self._url}: {exc}") from None
+        _raise_for(resp)
+        return resp.text
+
+    async def snapshot(self, sandbox_id: str, name: str) -> TemplateInfo:
+        return TemplateInfo.model_validate(await self._json(
+            "POST", self._sb(sandbox_id, "/snapshot"), json={"name": name}))
+
+    async def fork(self, sandbox_id: str) -> SandboxInfo:
+        return SandboxInfo.model_validate(await self._json("POST", self._sb(sandbox_id, "/fork")))
 
     async def delete_volume(self, name: str) -> VolumeInfo:
         return VolumeInfo.model_validate(await self._json("DELETE",

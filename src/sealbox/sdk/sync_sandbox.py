@@ -13,6 +13,8 @@ from sealbox.engine.spec import ExecResult, RuntimeName, SandboxInfo
 from sealbox.guest.client import FileInfo, Output
 from sealbox.engine.volumes import VolumeInfo
 from sealbox.sdk.async_sandbox import AsyncFiles, AsyncSandbox, AsyncVolume, VolumesArg
+from sealbox.sdk.async_sandbox import AsyncTemplate
+from sealbox.engine.templates import TemplateInfo, TemplateSpec
 from sealbox.sdk.backend import PtySession
 from sealbox.sdk.portal import portal
 from sealbox.sdk.secret import Secret
@@ -105,6 +107,35 @@ class Volume:
         return portal().call(AsyncVolume.delete(name, url=url, api_key=api_key))
 
 
+class Template:
+    """Templates: `Template.build(TemplateSpec(name=..., apt=[...]))`, `list`, `get`, ..."""
+
+    @staticmethod
+    def build(spec: TemplateSpec | Mapping[str, Any], *,
+              progress: Callable[[dict[str, Any]], None] | None = None,
+              url: str | None = None, api_key: str | None = None) -> TemplateInfo:
+        return portal().call(AsyncTemplate.build(spec, progress=progress, url=url,
+                                                 api_key=api_key))
+
+    @staticmethod
+    def list(*, url: str | None = None, api_key: str | None = None
+             ) -> builtins.list[TemplateInfo]:
+        return portal().call(AsyncTemplate.list(url=url, api_key=api_key))
+
+    @staticmethod
+    def get(name: str, *, url: str | None = None, api_key: str | None = None) -> TemplateInfo:
+        return portal().call(AsyncTemplate.get(name, url=url, api_key=api_key))
+
+    @staticmethod
+    def delete(name: str, *, url: str | None = None, api_key: str | None = None
+               ) -> TemplateInfo:
+        return portal().call(AsyncTemplate.delete(name, url=url, api_key=api_key))
+
+    @staticmethod
+    def logs(name: str, *, url: str | None = None, api_key: str | None = None) -> str:
+        return portal().call(AsyncTemplate.logs(name, url=url, api_key=api_key))
+
+
 class Sandbox:
     """A running sandbox (synchronous API). `with Sandbox.create(...) as sb:` kills it at the end."""
 
@@ -127,12 +158,13 @@ class Sandbox:
         timeout: float | str | None = 1800, cpus: float | None = None,
         memory: int | str | None = None, pids: int | None = None, disk: int | str | None = None,
         workspace: str | None = None, metadata: Mapping[str, str] | None = None,
-        volumes: VolumesArg = None, url: str | None = None, api_key: str | None = None,
+        volumes: VolumesArg = None, template: str | None = None, url: str | None = None,
+        api_key: str | None = None,
     ) -> Sandbox:
         return cls(portal().call(AsyncSandbox.create(
             runtime=runtime, allow_net=allow_net, secrets=secrets, env=env, timeout=timeout,
             cpus=cpus, memory=memory, pids=pids, disk=disk, workspace=workspace,
-            metadata=metadata, volumes=volumes, url=url, api_key=api_key,
+            metadata=metadata, volumes=volumes, template=template, url=url, api_key=api_key,
         )))
 
     @classmethod
@@ -202,6 +234,12 @@ class Sandbox:
 
     def close(self) -> None:
         portal().call(self._a.close())
+
+    def snapshot(self, name: str) -> TemplateInfo:
+        return portal().call(self._a.snapshot(name))
+
+    def fork(self) -> Sandbox:
+        return Sandbox(portal().call(self._a.fork()))
 
     def __enter__(self) -> Sandbox:
         return self
