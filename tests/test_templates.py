@@ -456,3 +456,106 @@ async def test_hostile_snapshot_content(tengine: Engine, tmp_path: Path) -> None
     with pytest.raises(SandboxError, match="disk limit"):
         await tengine.create(SandboxSpec(runtime="namespace", template="hostile", disk="32MiB"))
     assert not [i for i in tengine.list() if i.template == "hostile"]
+
+
+# ----- REST, SDK (remote) and CLI ------------------------------------------------------------
+
+def test_remote_sdk_and_cli(tmp_path: Path) -> None:
+    import sys
+
+    import httpx
+
+    from sealbox import Sandbox, Template
+    from support.server import ADMIN_KEY, start_server
+
+    data = tmp_path / "data"
+    data.mkdir()
+    server = start_server(data)
+    env = {**os.environ, "SEALBOX_URL": server.url, "SEALBOX_API_KEY": ADMIN_KEY}
+    cli = [sys.executable, "-c", "from sealbox.cli.main import main; main()"]
+    try:
+        src = tmp_path / "hello.txt"
+        src.write_text("inline file\n")
+        events: list[dict[str, Any]] = []
+        info = Template.build({"name": "remote", "files": [{"src": str(src),
+                                                            "dest": "/opt/hello.txt"}],
+                               "run": ["echo ran > /workspace/ran"]},
+                              progress=events.append, url=server.url, api_key=ADMIN_KEY)
+        assert info.name == "remote" and any(e["type"] == "step" for e in events)
+        assert [t.name for t in Template.list(url=server.url, api_key=ADMIN_KEY)] == ["remote"]
+        assert "==> run echo ran" in Template.logs("remote", url=server.url, api_key=ADMIN_KEY)
+        # A bad spec is a 400 before any build starts.
+        r = httpx.post(f"{server.url}/v1/templates", json={"name": "x", "bogus": 1},
+                       headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid"
+        # A server never reads its own disk for a build's files.
+        r = httpx.post(f"{server.url}/v1/templates", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                       json={"name": "x", "files": [{"src": "/etc/hostname", "dest": "/opt/h"}]})
+        assert '"type": "error"' in r.text and "inline" in r.text
+        with Sandbox.create(runtime="namespace", template="remote", url=server.url,
+                            api_key=ADMIN_KEY) as sb:
+            assert sb.exec("cat /opt/hello.txt /workspace/ran").stdout.split() == [
+                "inline", "file", "ran"]
+            sb.files.write("/workspace/mine", b"mine")
+            snap = sb.snapshot("remote-snap")
+            assert snap.parent == "remote"
+            child = sb.fork()
+            try:
+                assert child.files.read("/workspace/mine") == b"mine"
+                child.files.write("/workspace/child-only", b"c")
+                assert not sb.files.exists("/workspace/child-only")
+            finally:
+                child.kill()
+            # CLI against the server: snapshot and fork print what they made.
+            out = subprocess.run([*cli, "snapshot", sb.id, "cli-snap"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0 and "cli-snap" in out.stdout, out.stderr
+            out = subprocess.run([*cli, "fork", sb.id], env=env, capture_output=True,
+                                 text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+            subprocess.run([*cli, "kill", out.stdout.split()[-1]], env=env, check=True,
+                           capture_output=True, timeout=120)
+            out = subprocess.run([*cli, "snapshot", sb.id, "Bad/Name"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2 and "invalid" in out.stderr
+        out = subprocess.run([*cli, "template", "ls"], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert {"remote", "remote-snap", "cli-snap"} <= set(out.stdout.split())
+        with Sandbox.create(runtime="namespace", template="cli-snap", url=server.url,
+                            api_key=ADMIN_KEY) as sb2:
+            assert sb2.files.read("/workspace/mine") == b"mine"
+        out = subprocess.run([*cli, "template", "rm", "nope"], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 1 and "no template 'nope'" in out.stderr
+    finally:
+        assert server.stop()
+
+
+def test_cli_embedded_build(tmp_path: Path, packages: PackageServer) -> None:
+    import sys
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: cli-apt\napt: [sealbox-hello]\n"
+                    f"apt_sources: ['deb [trusted=yes] http://{DEB_HOST}/ ./']\n")
+    env = {**os.environ, "SEALBOX_DATA_DIR": str(tmp_path / "data")}
+    env.pop("SEALBOX_URL", None)
+    cli = [sys.executable, "-c", "from sealbox.cli.main import main; main()"]
+    pin = f"{DEB_HOST}:80:127.0.0.1:{packages.port}"
+    out = subprocess.run([*cli, "template", "build", "-f", str(spec), "--resolve", pin],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "template cli-apt" in out.stdout
+    out = subprocess.run([*cli, "run", "--runtime", "namespace", "--template", "cli-apt", "--",
+                          "sealbox-hello"], env=env, capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout.strip()) == (0, "hello from a deb"), out.stderr
+    out = subprocess.run([*cli, "template", "build", "x", "--colour", "red"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nrun: [1, 2\n")
+    out = subprocess.run([*cli, "template", "build", "-f", str(bad)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "not valid yaml" in out.stderr
+    out = subprocess.run([*cli, "template", "logs", "cli-apt"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert "sealbox-hello" in out.stdout

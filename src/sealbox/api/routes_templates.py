@@ -1,7 +1,7 @@
 """Templates (build, list, get, remove, build log) and a sandbox's snapshot and fork.
 
 A build can take minutes: `POST /v1/templates` answers at once with a stream of NDJSON events
-(`start`, `step`, `log`, then `done` with the template, or `error`), or `cached` then `done`
+(`start`, `step`, `log`, `built`, then `done` with the template, or `error`), or `cached` then `done`
 when the same inputs were built before. The build goes on if the client disconnects.
 Templates belong to the caller's tenant; the admin key's templates are shared with every tenant
 (a tenant's own template of the same name wins).
@@ -32,7 +32,7 @@ NDJSON = "application/x-ndjson"
 class SnapshotRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=NAME_PATTERN, description="the new template's name")
+    name: str = Field(description=f"the new template's name ({NAME_PATTERN})")
 
 
 async def _build_events(engine: Engine, spec: TemplateSpec, owner: str | None

@@ -144,7 +144,7 @@ async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
             if store.cached(digest) is None:  # not a concurrent identical build: a real error
                 raise
         store.put(info)
-        report({"type": "done", "hash": digest})
+        report({"type": "built", "hash": digest})
         return info
     finally:
         log.close()
