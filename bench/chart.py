@@ -40,7 +40,8 @@ def draw(data: dict[str, Any], path: Path) -> None:
                 row = (_find(results, "start → first exec (cold boot)", tier) if tier == "microvm"
                        else _find(results, "start → first exec", tier))
             elif label == "snapshot":
-                row = _find(results, "start → first exec", tier) if tier == "microvm" else None
+                row = (_find(results, "start → first exec", tier) if tier == "microvm"
+                       else _find(results, "create → first exec (from a snapshot)", tier))
             else:
                 row = _find(results, "create → first exec (warm pool)", tier)
             if row is None or not row["samples"]:

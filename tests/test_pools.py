@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,7 @@ from sealbox.engine.config import RUN_ROOT, EngineConfig
 from sealbox.engine.engine import Engine, netns_name
 from sealbox.engine.pools import POOL_LABEL, PoolConfig, PoolStatus
 from sealbox.engine.spec import ExecRequest, SandboxSpec
-from sealbox.errors import CapacityError, ConfigError
+from sealbox.errors import CapacityError, ConfigError, SandboxError
 from support import upstream as fake_upstream
 from support.server import ADMIN_KEY, start_server
 
@@ -86,6 +87,18 @@ async def test_pool_never_hands_out_a_used_sandbox(engine: Engine) -> None:
     # Every idle member is fresh too, and none of them was handed out before.
     idle = [i.id for i in engine.list() if i.metadata.get(POOL_LABEL) == "base/namespace"]
     assert len(idle) == 2 and not set(idle) & set(seen)
+    # Nobody runs anything in an unclaimed member, not even the admin (owner None).
+    with pytest.raises(SandboxError, match="unclaimed warm-pool member"):
+        await engine.run(idle[0], ExecRequest(cmd="touch /tmp/planted"))
+    with pytest.raises(SandboxError, match="unclaimed warm-pool member"):
+        await engine.guest(idle[0]).write_file("/tmp/planted", b"x")
+    # The clock starts at the claim, not at the boot.
+    before = datetime.now(UTC)
+    info = await engine.create(SandboxSpec(runtime="namespace", timeout=30))
+    assert info.id in idle and info.created_at >= before
+    assert info.expires_at is not None
+    assert info.expires_at - info.created_at == timedelta(seconds=30)
+    await engine.kill(info.id)
 
 
 async def test_killed_idle_member_is_replaced_and_never_claimed(engine: Engine) -> None:
