@@ -24,6 +24,7 @@ from sealbox.engine.config import RUN_ROOT, EngineConfig
 from sealbox.engine.engine import Engine, netns_name
 from sealbox.engine.pools import POOL_LABEL, PoolConfig, PoolStatus
 from sealbox.engine.spec import ExecRequest, SandboxSpec
+from sealbox.engine.templates import TemplateFile, TemplateSpec
 from sealbox.errors import CapacityError, ConfigError, SandboxError
 from support import upstream as fake_upstream
 from support.server import ADMIN_KEY, start_server
@@ -111,6 +112,48 @@ async def test_killed_idle_member_is_replaced_and_never_claimed(engine: Engine) 
     assert info.id != member
     assert was_pooled(engine, info.id)
     await engine.kill(info.id)
+
+
+async def test_template_pool_matches_what_the_claimant_means(engine: Engine,
+                                                              tmp_path: Path) -> None:
+    """Templates are per owner: a member is matched by the content it was booted from, so a
+    tenant's own template of the same name, or a rebuilt one, never gets a stale member."""
+    f = tmp_path / "who.txt"
+
+    async def build(text: str, owner: str | None) -> None:
+        f.write_text(text)
+        await engine.build_template(TemplateSpec(
+            name="tp", files=[TemplateFile(src=str(f), dest="/opt/who.txt")]), owner=owner)
+
+    await build("operator\n", None)
+    await build("alice\n", "alice")
+    await engine.pools.set(PoolConfig(template="tp", runtime="namespace", size=1))
+    await wait_ready(engine, "tp/namespace", 1)
+    mine = await engine.create(SandboxSpec(runtime="namespace", template="tp"))
+    theirs = await engine.create(SandboxSpec(runtime="namespace", template="tp"), owner="alice")
+    plain = await engine.create(SandboxSpec(runtime="namespace"))
+    try:
+        assert was_pooled(engine, mine.id)
+        assert not was_pooled(engine, theirs.id) and not was_pooled(engine, plain.id)
+        assert await sh(engine, mine.id, "cat /opt/who.txt") == (0, "operator\n")
+        assert await sh(engine, theirs.id, "cat /opt/who.txt") == (0, "alice\n")
+    finally:
+        for info in (mine, theirs, plain):
+            await engine.kill(info.id)
+    await wait_ready(engine, "tp/namespace", 1)
+    await build("operator v2\n", None)  # the idle member now holds an outdated template
+    again = await engine.create(SandboxSpec(runtime="namespace", template="tp"))
+    try:
+        assert await sh(engine, again.id, "cat /opt/who.txt") == (0, "operator v2\n")
+    finally:
+        await engine.kill(again.id)
+    await wait_ready(engine, "tp/namespace", 1)
+    newest = await engine.create(SandboxSpec(runtime="namespace", template="tp"))
+    try:
+        assert was_pooled(engine, newest.id)
+        assert await sh(engine, newest.id, "cat /opt/who.txt") == (0, "operator v2\n")
+    finally:
+        await engine.kill(newest.id)
 
 
 @pytest.fixture
