@@ -559,3 +559,144 @@ def test_cli_embedded_build(tmp_path: Path, packages: PackageServer) -> None:
     out = subprocess.run([*cli, "template", "logs", "cli-apt"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert "sealbox-hello" in out.stdout
+
+
+# ----- more security and lifecycle -----------------------------------------------------------
+
+def _overlay_mounts() -> list[str]:
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split()[0] == "overlay" and left.split()[4].startswith("/run/sealbox"):
+            points.append(left.split()[4])
+    return points
+
+
+async def test_build_cannot_touch_the_host_or_plant_setuid(tengine: Engine) -> None:
+    env_before = hashlib.sha256(Path("/usr/bin/env").read_bytes()).hexdigest()
+    info = await tengine.build_template(TemplateSpec(name="hostile-build", run=[
+        "cp /bin/sh /opt/suidsh && chmod 4755 /opt/suidsh && ls -l /opt/suidsh",
+        "mkfifo /opt/fifo && ln -s /etc/shadow /opt/link-shadow",
+        "rm /usr/bin/env && echo '#!/bin/sh' > /usr/bin/env && echo pwned >> /usr/bin/env",
+        "echo x >> /usr/bin/head || echo in-place-refused > /opt/in-place",
+        "echo x > /etc/passwd || echo passwd-refused > /opt/passwd",
+    ]))
+    assert hashlib.sha256(Path("/usr/bin/env").read_bytes()).hexdigest() == env_before
+    assert not Path("/opt/suidsh").exists() and not Path("/opt/fifo").exists()
+    layer = tengine.templates.dir(info.hash) / "layer"
+    suid = (layer / "opt" / "suidsh").lstat()
+    assert suid.st_uid == 0 and not suid.st_mode & 0o6000
+    assert not (layer / "opt" / "fifo").exists() and not (layer / "opt" / "fifo").is_symlink()
+    assert (layer / "opt" / "link-shadow").is_symlink()
+    assert not _overlay_mounts()
+    sb = await tengine.create(SandboxSpec(runtime="namespace", template="hostile-build"))
+    try:
+        _, out = await sh(tengine, sb.id, "cat /opt/in-place /opt/passwd /usr/bin/env; "
+                                          "stat -c %a /opt/suidsh; cat /opt/link-shadow | wc -c")
+        assert out.split() == ["in-place-refused", "passwd-refused", "#!/bin/sh", "pwned",
+                               "755", "0"]
+    finally:
+        await tengine.kill(sb.id)
+
+
+async def test_templates_belong_to_their_tenant(tengine: Engine) -> None:
+    await tengine.build_template(TemplateSpec(name="alices", run=["touch /opt/a"]), "alice")
+    await tengine.build_template(TemplateSpec(name="shared", run=["touch /opt/s"]))
+    with pytest.raises(NotFoundError):
+        await tengine.create(SandboxSpec(runtime="namespace", template="alices"), owner="bob")
+    assert [t.name for t in tengine.list_templates("bob")] == []
+    with pytest.raises(NotFoundError):
+        tengine.remove_template("shared", "bob")  # shared for use, not for removal
+    sb = await tengine.create(SandboxSpec(runtime="namespace", template="shared"), owner="bob")
+    await tengine.kill(sb.id)
+    sb = await tengine.create(SandboxSpec(runtime="namespace", template="alices"), owner="alice")
+    await tengine.kill(sb.id)
+
+
+async def test_workdir_start_and_parent_removal(tengine: Engine) -> None:
+    await tengine.build_template(TemplateSpec(name="svc", workdir="/opt",
+                                              start="exec sleep 300"))
+    sb = await tengine.create(SandboxSpec(runtime="namespace", template="svc"))
+    try:
+        _, out = await sh(tengine, sb.id, "pwd; ps -eo args | grep -c '^sleep 300'")
+        assert out.split() == ["/opt", "1"]
+        await sh(tengine, sb.id, "echo kept > /workspace/k")
+        await tengine.snapshot(sb.id, "svc-snap")
+    finally:
+        await tengine.kill(sb.id)
+    tengine.remove_template("svc")  # the snapshot still uses its layer
+    sb = await tengine.create(SandboxSpec(runtime="namespace", template="svc-snap"))
+    try:
+        _, out = await sh(tengine, sb.id, "cat /workspace/k; pwd")
+        assert out.split() == ["kept", "/opt"]
+    finally:
+        await tengine.kill(sb.id)
+
+
+async def test_fork_keeps_secrets_with_new_placeholders(tengine: Engine) -> None:
+    from sealbox.egress.secrets import SecretSpec
+
+    spec = SandboxSpec(runtime="namespace", secrets={
+        "TOKEN": SecretSpec(value="real-value-xyz", hosts=[OTHER_HOST])})
+    parent = await tengine.create(spec)
+    child_id = None
+    try:
+        child = await tengine.fork(parent.id)
+        child_id = child.id
+        p_ph, c_ph = parent.secrets["TOKEN"].placeholder, child.secrets["TOKEN"].placeholder
+        assert p_ph and c_ph and p_ph != c_ph
+        _, out = await sh(tengine, child.id, "echo $TOKEN")
+        assert out.strip() == c_ph and "real-value-xyz" not in out
+    finally:
+        await tengine.kill(parent.id)
+        if child_id:
+            await tengine.kill(child_id)
+
+
+def test_build_owner_killed_midway_leaves_nothing(tmp_path: Path) -> None:
+    """SIGKILL the process running a build; the next engine's reconcile removes all of it."""
+    import signal
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    code = ("import asyncio, sys; from pathlib import Path; "
+            "from sealbox.engine.config import EngineConfig; from sealbox.engine.engine import "
+            "Engine; from sealbox.engine.templates import TemplateSpec\n"
+            "async def main():\n"
+            "    e = Engine(EngineConfig(data_dir=Path(sys.argv[1])))\n"
+            "    await e.build_template(TemplateSpec(name='slow', run=['touch /opt/x', "
+            "'sleep 600']))\n"
+            "asyncio.run(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(data)])
+    log_dir = data / "templates" / "logs"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = list(log_dir.glob("*.log")) if log_dir.is_dir() else []
+        if logs and "==> run sleep 600" in logs[0].read_text():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the build process ended early"
+    build_ids = [p.name.removeprefix(".build-") for p in (data / "templates").glob(".build-*")]
+    assert len(build_ids) == 1
+    assert _overlay_mounts()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    async def restart() -> None:
+        eng = Engine(EngineConfig(data_dir=data))
+        await eng.start()
+        try:
+            info = eng.get(build_ids[0])
+            assert info.state.value == "killed"
+            assert not eng.templates.exists("slow")
+        finally:
+            await eng.close()
+
+    import asyncio
+
+    asyncio.run(restart())
+    assert not list((data / "templates").glob(".build-*"))
+    assert not [m for m in _overlay_mounts() if build_ids[0] in m]
+    assert not (Path("/run/sealbox") / build_ids[0]).exists()
+    assert not Path(f"/run/netns/sealbox-{build_ids[0]}").exists()

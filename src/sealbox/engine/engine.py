@@ -184,6 +184,7 @@ class Engine:
             cleaned.append(info.id)
         self.volumes.reconcile()
         self.paused.sweep({i.id for i in self.store.list(live_only=True)})
+        self.templates.sweep({i.id for i in self.store.list(live_only=True)})
         return cleaned
 
     def _remove_leftovers(self, sandbox_id: str, runtime: str | None = None) -> None:

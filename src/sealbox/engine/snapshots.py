@@ -46,7 +46,7 @@ async def snapshot(engine: Engine, sandbox_id: str, name: str, owner: str | None
         raise ConfigError("this sandbox's /workspace is a host directory: copy that instead")
     store = engine.templates
     parent = (store.get(live.info.template, owner, shared=True) if live.info.template else None)
-    tmp = store.root / f".snap-{pysecrets.token_hex(6)}"
+    tmp = store.root / f".snap-{sandbox_id}-{pysecrets.token_hex(6)}"
     tmp.mkdir(mode=0o700)
     try:
         tar = tmp / "workspace.tar"
@@ -89,7 +89,7 @@ async def fork(engine: Engine, sandbox_id: str, owner: str | None) -> SandboxInf
         raise SandboxError(f"sandbox {sandbox_id} cannot be forked: its spec is not known")
     if spec.workspace is not None:
         raise ConfigError("this sandbox's /workspace is a host directory: a fork would share it")
-    tmp = engine.templates.root / f".fork-{pysecrets.token_hex(6)}.tar"
+    tmp = engine.templates.root / f".fork-{sandbox_id}-{pysecrets.token_hex(6)}.tar"
     try:
         await workspace_tar.save(live.guest, tmp, _cap(engine, live.info.disk))
         child_spec = spec.model_copy(deep=True)

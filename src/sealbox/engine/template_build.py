@@ -9,7 +9,6 @@ is saved as the template's starting workspace. Nothing is registered unless ever
 from __future__ import annotations
 
 import asyncio
-import secrets as pysecrets
 import shlex
 import shutil
 from collections.abc import Callable
@@ -119,12 +118,16 @@ async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
         return info
     steps = _steps(spec)
     report({"type": "start", "hash": digest, "total": len(steps) + 1})
-    build_dir = store.root / f".build-{digest[:16]}-{pysecrets.token_hex(4)}"
-    build_dir.mkdir(mode=0o700)
+    from sealbox.engine.engine import new_id
+
+    sandbox_id = new_id()
+    # Named after the build's sandbox: reconcile removes it if this process dies mid-build.
+    build_dir = store.root / f".build-{sandbox_id}"
     log = _Log(store.log_path(spec.name, owner), report)
     try:
         tar = build_dir / "workspace.tar"
-        await _sandboxed(engine, spec, owner, steps, contents, build_dir, tar, log, report)
+        await _sandboxed(engine, sandbox_id, spec, owner, steps, contents, build_dir, tar, log,
+                         report)
         out = build_dir / "out"
         out.mkdir()
         await asyncio.to_thread(finalize, build_dir / "upper")
@@ -158,24 +161,24 @@ def _public(spec: TemplateSpec) -> TemplateSpec:
     return spec.model_copy(update={"files": files})
 
 
-async def _sandboxed(engine: Engine, spec: TemplateSpec, owner: str | None,
+async def _sandboxed(engine: Engine, sandbox_id: str, spec: TemplateSpec, owner: str | None,
                      steps: list[tuple[str, list[str] | int]], contents: list[bytes],
                      build_dir: Path, tar: Path, log: _Log, report: Progress) -> None:
-    from sealbox.engine.engine import netns_name, new_id
+    from sealbox.engine.engine import netns_name
 
-    sandbox_id = new_id()
     run_dir = engine.config.run_root / sandbox_id
     # Recorded like any sandbox, so a crashed owner's build is cleaned up by reconcile.
     info = SandboxInfo(id=sandbox_id, state=SandboxState.creating, runtime="namespace",
                        created_at=now(), allow_net=spec.build_hosts(), owner=owner,
                        metadata={"sealbox.template_build": spec.name})
     engine.store.put(info)
-    run_dir.mkdir(parents=True, mode=0o711)
     ns = netns_name(sandbox_id)
     sandbox = None
     guest = None
     failed: str | None = "build did not finish"
     try:
+        build_dir.mkdir(mode=0o700)  # after the record: reconcile never sweeps a live build's
+        run_dir.mkdir(parents=True, mode=0o711)
         await asyncio.to_thread(netns.create, ns)
         attachment = await engine.gateway.attach(sandbox_id, ns, spec.build_hosts(), {},
                                                  run_dir)

@@ -308,6 +308,18 @@ class TemplateStore:
     def close(self) -> None:
         self._db.close()
 
+    def sweep(self, live_ids: set[str]) -> None:
+        """Remove what builds, snapshots and forks of sandboxes no longer alive left behind
+        (their owner died midway): ``.build-ID``, ``.snap-ID-*``, ``.fork-ID-*``."""
+        for path in self.root.glob(".*-*"):
+            kind, _, rest = path.name[1:].partition("-")
+            sandbox_id = rest.split("-")[0].removesuffix(".tar")
+            if kind in ("build", "snap", "fork") and sandbox_id not in live_ids:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
     def dir(self, digest: str) -> Path:
         return self.root / digest
 
