@@ -25,7 +25,10 @@ from conftest import RUN_ROOT
 
 pytestmark = pytest.mark.privileged
 TIERS = ["namespace", "gvisor"]
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /data/c; sleep 0.1; done"
+COUNTER = ("i=0; while :; do i=$((i+1)); echo $i > /data/c.new && mv /data/c.new /data/c; "
+           "sleep 0.1; done")  # atomic: a freeze never leaves the file half-written
+COUNT_SLEEPS = ("python3 -c 'import os; print(sum(open(f\"/proc/{p}/cmdline\", \"rb\").read()"
+                ".startswith(b\"sleep\") for p in os.listdir(\"/proc\") if p.isdigit()))'")
 SEALBOX = str(Path(sys.executable).parent / "sealbox")
 
 
@@ -64,7 +67,7 @@ def gone(sid: str) -> list[str]:
 async def test_counter_keeps_counting_from_where_it_was(engine: Engine, runtime: str) -> None:
     # The counter writes into a volume so the host can read it while the sandbox is frozen.
     engine.volumes.create(VolumeCreate(name="count", size="16MiB"))
-    counter = RUN_ROOT / "volumes" / "local" / "count" / "c"
+    counter = engine.volumes.mountpoint("count") / "c"
     info = await engine.create(SandboxSpec(runtime=runtime, timeout=120,
                                            volumes=[VolumeMount(name="count", path="/data")]))
     await engine.run(info.id, ExecRequest(cmd=COUNTER, background=True))
@@ -119,14 +122,15 @@ async def test_kill_while_paused_cleans_everything(engine: Engine, runtime: str,
     assert not (data_dir / "paused" / info.id).exists()
 
 
-def test_paused_sandbox_survives_server_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", TIERS)
+def test_paused_sandbox_survives_server_sigkill(tmp_path: Path, runtime: str) -> None:
     data = tmp_path / "data"
     secret_value = "real-secret-never-stored-9f8e7d"
     server = start_server(data)
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
     with httpx.Client(base_url=server.url, timeout=90, headers=auth) as c:
         r = c.post("/v1/sandboxes", json={
-            "runtime": "namespace", "timeout": "10m", "memory": "256MiB", "env": {"K": "v"},
+            "runtime": runtime, "timeout": "10m", "memory": "256MiB", "env": {"K": "v"},
             "allow_net": ["api.example.com"],
             "secrets": {"TOKEN": {"value": secret_value, "hosts": ["api.example.com"]}},
         })
@@ -169,7 +173,7 @@ def test_paused_sandbox_survives_server_sigkill(tmp_path: Path) -> None:
             assert sb.exec("cat /workspace/sub/f").stdout == "hello\n"
             assert sb.exec("sha256sum -c /workspace/sum").exit_code == 0
             # Policy and secrets are back: the placeholder, never the value, is in the env.
-            r2 = sb.exec("echo $K $TOKEN; ps -eo args | grep -c 'sleep 60[0]'")
+            r2 = sb.exec("echo $K $TOKEN; " + COUNT_SLEEPS)
             assert r2.stdout.startswith("v ") and secret_value not in r2.stdout
             assert r2.stdout.split()[1] == sb.info.secrets["TOKEN"].placeholder
             assert r2.stdout.split()[-1] == "0"  # the sleep did not survive: as reported

@@ -17,7 +17,7 @@ from sealbox import Sandbox, Volume
 from sealbox._sys import volumes as sysvol
 from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, SandboxSpec, SandboxState, VolumeMount
-from sealbox.engine.volumes import VolumeCreate
+from sealbox.engine.volumes import VolumeCreate, mount_root
 from sealbox.errors import ConfigError, ConflictError, NotFoundError
 from support.server import ADMIN_KEY, Server, start_server
 
@@ -29,8 +29,9 @@ MiB = 1024 * 1024
 SEALBOX = str(Path(sys.executable).parent / "sealbox")
 
 
-def mounted() -> list[str]:
-    return sysvol.mounts_under(RUN_ROOT / "volumes")
+def mounted(data_dir: Path) -> list[str]:
+    """Volume mounts of the installation in DATA_DIR (other engineers' test runs have theirs)."""
+    return sysvol.mounts_under(mount_root(data_dir, RUN_ROOT))
 
 
 async def sh(engine: Engine, sid: str, cmd: str) -> tuple[int, str]:
@@ -45,8 +46,8 @@ def mount(name: str, path: str = "/data", ro: bool = False) -> VolumeMount:
 # ----- data lives on -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("runtime", TIERS)
-async def test_data_outlives_its_sandbox_and_next_one_can_write(engine: Engine,
-                                                                 runtime: str) -> None:
+async def test_data_outlives_its_sandbox_and_next_one_can_write(engine: Engine, runtime: str,
+                                                                 data_dir: Path) -> None:
     engine.volumes.create(VolumeCreate(name="keep", size="32MiB"))
     first = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("keep")]))
     assert first.volumes == [mount("keep")]
@@ -55,14 +56,15 @@ async def test_data_outlives_its_sandbox_and_next_one_can_write(engine: Engine,
     assert (code, out) == (0, "one\n")
     assert engine.volumes.get("keep").used_by == [first.id]
     await engine.kill(first.id)
-    assert mounted() == [] and sysvol.leaked_loops() == []
+    assert mounted(data_dir) == [] and sysvol.leaked_loops() == []
     # A different sandbox (on the namespace tier: a different host uid) reads and writes it.
     second = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("keep", "/x/y")]))
     code, out = await sh(engine, second.id, "cat /x/y/d/f && echo two >> /x/y/d/f && "
                                             "touch /x/y/d/new && cat /x/y/d/f")
     assert (code, out) == (0, "one\none\ntwo\n"), out
     await engine.kill(second.id)
-    assert mounted() == [] and sysvol.leaked_loops() == []
+    assert mounted(data_dir) == [] and sysvol.leaked_loops() == []
+    assert not mount_root(data_dir, RUN_ROOT).exists()  # no empty mount points left in /run
 
 
 @pytest.mark.parametrize("runtime", TIERS)
@@ -82,7 +84,8 @@ async def test_size_limit_is_enforced_inside_only(engine: Engine, runtime: str,
 
 
 @pytest.mark.parametrize("runtime", TIERS)
-async def test_read_only_mounts_cannot_write_and_can_share(engine: Engine, runtime: str) -> None:
+async def test_read_only_mounts_cannot_write_and_can_share(engine: Engine, runtime: str,
+                                                           data_dir: Path) -> None:
     engine.volumes.create(VolumeCreate(name="ro", size="16MiB"))
     writer = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("ro")]))
     assert (await sh(engine, writer.id, "echo data > /data/f"))[0] == 0
@@ -98,7 +101,7 @@ async def test_read_only_mounts_cannot_write_and_can_share(engine: Engine, runti
         await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("ro")]))
     for r in readers:
         await engine.kill(r.id)
-    assert mounted() == []
+    assert mounted(data_dir) == []
 
 
 async def test_one_writer_at_a_time(engine: Engine) -> None:
@@ -165,7 +168,7 @@ def test_bad_mount_paths_are_refused(path: str) -> None:
         SandboxSpec(volumes=[{"name": "v", "path": path}])  # type: ignore[list-item]
 
 
-async def test_bad_volume_input_is_a_clear_error(engine: Engine) -> None:
+async def test_bad_volume_input_is_a_clear_error(engine: Engine, data_dir: Path) -> None:
     with pytest.raises(NotFoundError, match="no volume 'nope'"):
         await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("nope")]))
     for name, size in [("Bad Name", "16MiB"), ("../x", "16MiB"), ("ok", "lots"), ("ok", "1KiB"),
@@ -181,7 +184,7 @@ async def test_bad_volume_input_is_a_clear_error(engine: Engine) -> None:
         SandboxSpec(volumes=[mount("dup"), mount("dup", "/other")])
     with pytest.raises(ValueError, match="overlap"):
         SandboxSpec(volumes=[mount("dup"), mount("dup2", "/data/sub")])
-    assert engine.list() == [] and mounted() == []
+    assert engine.list() == [] and mounted(data_dir) == []
 
 
 # ----- CLI ---------------------------------------------------------------------------------------
@@ -218,7 +221,7 @@ def test_cli_volumes_embedded(tmp_path: Path) -> None:
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = sealbox("volume", "rm", "cache", env=env)
     assert r.returncode == 0, r.stderr
-    assert mounted() == [] and sysvol.leaked_loops() == []
+    assert mounted(tmp_path / "data") == [] and sysvol.leaked_loops() == []
 
 
 # ----- API: tenants, errors, a server that dies --------------------------------------------------
@@ -238,7 +241,7 @@ def _key(server: Server, tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {r.json()['key']}"}
 
 
-def test_api_volumes_belong_to_their_tenant(server: Server) -> None:
+def test_api_volumes_belong_to_their_tenant(server: Server, tmp_path: Path) -> None:
     alice, bob = _key(server, "alice"), _key(server, "bob")
     with httpx.Client(base_url=server.url, timeout=90) as c:
         r = c.post("/v1/volumes", json={"name": "cache", "size": "32MiB"}, headers=alice)
@@ -276,7 +279,7 @@ def test_api_volumes_belong_to_their_tenant(server: Server) -> None:
         assert r.status_code == 400 and "/proc" in r.json()["error"]["message"]
         assert c.delete(f"/v1/sandboxes/{sid}", headers=alice).status_code == 200
         assert c.delete("/v1/volumes/cache", headers=alice).status_code == 200
-    assert mounted() == [] and sysvol.leaked_loops() == []
+    assert mounted(tmp_path / "data") == [] and sysvol.leaked_loops() == []
 
 
 def test_server_sigkill_leaves_no_mount_after_restart(tmp_path: Path) -> None:
@@ -290,12 +293,12 @@ def test_server_sigkill_leaves_no_mount_after_restart(tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
         sid = r.json()["id"]
         c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "echo kept > /v/f"}).raise_for_status()
-    assert len(mounted()) == 1
+    assert len(mounted(data)) == 1
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     restarted = start_server(data)
     try:
-        assert mounted() == [] and sysvol.leaked_loops() == []
+        assert mounted(data) == [] and sysvol.leaked_loops() == []
         with httpx.Client(base_url=restarted.url, timeout=90, headers=auth) as c:
             assert c.get(f"/v1/sandboxes/{sid}").json()["state"] == "killed"
             assert c.get("/v1/volumes/v").json()["used_by"] == []
@@ -307,12 +310,12 @@ def test_server_sigkill_leaves_no_mount_after_restart(tmp_path: Path) -> None:
             c.delete(f"/v1/sandboxes/{r.json()['id']}")
     finally:
         assert restarted.stop()
-    assert mounted() == [] and sysvol.leaked_loops() == []
+    assert mounted(data) == [] and sysvol.leaked_loops() == []
 
 
 # ----- SDK ---------------------------------------------------------------------------------------
 
-def test_sdk_volumes_remote(server: Server) -> None:
+def test_sdk_volumes_remote(server: Server, tmp_path: Path) -> None:
     opts = {"url": server.url, "api_key": ADMIN_KEY}
     assert Volume.create("sdkvol", "16MiB", **opts).name == "sdkvol"
     assert [v.name for v in Volume.list(**opts)] == ["sdkvol"]
@@ -327,7 +330,7 @@ def test_sdk_volumes_remote(server: Server) -> None:
     assert Volume.delete("sdkvol", **opts).name == "sdkvol"
     with pytest.raises(NotFoundError):
         Volume.get("sdkvol", **opts)
-    assert mounted() == []
+    assert mounted(tmp_path / "data") == []
 
 
 async def test_damaged_volume_fails_create_cleanly(engine: Engine, data_dir: Path) -> None:
@@ -339,4 +342,4 @@ async def test_damaged_volume_fails_create_cleanly(engine: Engine, data_dir: Pat
     with pytest.raises(ConfigError, match="cannot mount volume"):
         await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("broken")]))
     assert [i.state for i in engine.list(include_ended=True)] == [SandboxState.failed]
-    assert mounted() == [] and sysvol.leaked_loops() == []
+    assert mounted(data_dir) == [] and sysvol.leaked_loops() == []

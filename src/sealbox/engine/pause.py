@@ -88,7 +88,10 @@ class PausedState:
 
 
 async def _tar_out(guest: GuestClient, dest: Path, limit: int | None) -> None:
-    handle = await guest.exec(["tar", "-C", "/workspace", "-cf", "-", "."])
+    # Members below /workspace, not "." itself: /workspace may be a root-owned tmpfs whose
+    # mode the sandbox user cannot set when unpacking. pipefail: a failing find fails the save.
+    handle = await guest.exec(["bash", "-c", "set -o pipefail; cd /workspace && find . -mindepth 1 "
+                               "-print0 | tar --null --no-recursion -T - -cf -"])
     size = 0
     err = b""
     status: ExitStatus | None = None
@@ -120,7 +123,9 @@ async def _chunks(path: Path) -> AsyncIterator[bytes]:
 
 async def _tar_in(guest: GuestClient, src: Path) -> None:
     # The sandbox unpacks its own files: the host never interprets what the sandbox wrote.
-    handle = await guest.exec(["tar", "-C", "/workspace", "-xf", "-"], stdin=True)
+    # --no-overwrite-dir: /workspace itself may belong to root (a tmpfs) and keeps its mode.
+    handle = await guest.exec(["tar", "-C", "/workspace", "--no-overwrite-dir", "-xf", "-"],
+                              stdin=True)
     err = b""
 
     async def feed() -> None:

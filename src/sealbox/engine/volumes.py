@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import fcntl
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -64,6 +65,11 @@ class VolumeInfo(BaseModel):
     mounted: bool = False
 
 
+def mount_root(data_dir: Path, run_root: Path) -> Path:
+    """Where an installation's volumes are mounted on the host."""
+    return run_root / "volumes" / hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+
+
 def _tenant(owner: str | None) -> str:
     return owner or LOCAL_TENANT
 
@@ -71,7 +77,9 @@ def _tenant(owner: str | None) -> str:
 class Volumes:
     def __init__(self, data_dir: Path, run_root: Path, store: Store) -> None:
         self.root = data_dir / "volumes"
-        self.mount_root = run_root / "volumes"
+        # Per installation: engines with other data dirs share /run/sealbox, and reconcile
+        # must only ever unmount its own volumes.
+        self.mount_root = mount_root(data_dir, run_root)
         self.store = store
         self._claims: dict[tuple[str, str], dict[str, bool]] = {}
         """(tenant, name) -> {sandbox id: read_only} for sandboxes of this engine."""
@@ -79,6 +87,10 @@ class Volumes:
     # ----- paths and locking -------------------------------------------------------------
     def _dir(self, tenant: str, name: str) -> Path:
         return self.root / tenant / name
+
+    def mountpoint(self, name: str, owner: str | None = None) -> Path:
+        """Where the host mounts the volume while sandboxes use it."""
+        return self._mountpoint(_tenant(owner), name)
 
     def _mountpoint(self, tenant: str, name: str) -> Path:
         return self.mount_root / tenant / name
@@ -163,9 +175,7 @@ class Volumes:
             if info.used_by:
                 raise ConflictError(f"volume {name!r} is in use by sandbox "
                                     f"{', '.join(info.used_by)}: kill it first")
-            mp = self._mountpoint(tenant, name)
-            if sysvol.is_mounted(mp):
-                sysvol.umount(mp)
+            self._unmount(self._mountpoint(tenant, name))
             shutil.rmtree(self._dir(tenant, name))
         return info
 
@@ -207,6 +217,7 @@ class Volumes:
                         self.mount_root.mkdir(parents=True, exist_ok=True)
                         # Traversable (not listable) by the sandbox's unprivileged host uid,
                         # which is what bwrap runs as.
+                        self.mount_root.parent.chmod(0o711)
                         self.mount_root.chmod(0o711)
                         mp.parent.mkdir(exist_ok=True, mode=0o711)
                         sysvol.mount(self._dir(tenant, m.name) / sysvol.IMAGE_NAME, mp)
@@ -235,9 +246,18 @@ class Volumes:
                 del self._claims[(tenant, name)]
             others = self._users(tenant, name, running_only=True)
             others.pop(sandbox_id, None)
-            mp = self._mountpoint(tenant, name)
-            if not others and sysvol.is_mounted(mp):
-                sysvol.umount(mp)
+            if not others:
+                self._unmount(self._mountpoint(tenant, name))
+
+    def _unmount(self, mp: Path) -> None:
+        """Unmount MP and remove the empty mount point and parents (nothing stays in /run)."""
+        if sysvol.is_mounted(mp):
+            sysvol.umount(mp)
+        for d in (mp, mp.parent, mp.parent.parent):
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     def reconcile(self) -> None:
         """Unmount volumes left mounted by a dead owner (run after orphans are reconciled)."""
@@ -251,7 +271,7 @@ class Volumes:
                 except ValueError:
                     continue
                 if not self._users(tenant, name, running_only=True):
-                    sysvol.umount(mp)
+                    self._unmount(mp)
 
 
 def volume_uid(runtime: str, sandbox_id: str, workspace: Path | None) -> int:
