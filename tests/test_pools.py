@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import schemathesis
+from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from sealbox._sys import cgroups, netns
 from sealbox.egress.gateway import ResolvePin
@@ -258,6 +260,16 @@ def sealbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
                           env={**os.environ, **env})
 
 
+def documented(schema: OpenApiSchema, resp: httpx.Response) -> httpx.Response:
+    """RESP is what /openapi.json says this route answers (status and body)."""
+    op = schema.find_operation_by_path(resp.request.method, resp.request.url.path)
+    assert op is not None, f"{resp.request.method} {resp.request.url.path} is undocumented"
+    assert str(resp.status_code) in {str(c) for c in op.definition.raw.get("responses", {})}, (
+        resp.status_code, resp.text)
+    op.validate_response(resp)
+    return resp
+
+
 def _wait_http_ready(url: str, auth: dict[str, str], ready: int) -> list[dict[str, object]]:
     deadline = time.monotonic() + READY_DEADLINE
     while True:
@@ -275,6 +287,8 @@ def test_server_pools_cli_api_restart(tmp_path: Path) -> None:
     env = {"SEALBOX_URL": server.url, "SEALBOX_API_KEY": ADMIN_KEY}
     old: list[str] = []
     restarted = None
+    schema: OpenApiSchema = schemathesis.openapi.from_dict(
+        httpx.get(f"{server.url}/openapi.json").json())
     try:
         # Bad input: one clear line from the CLI, a 400 from the API.
         for args, needle in ((["--size", "-1"], "size"), (["--size", "1", "--runtime", "docker"],
@@ -283,13 +297,22 @@ def test_server_pools_cli_api_restart(tmp_path: Path) -> None:
             assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r
         for body in ({"size": -1}, {"size": 1, "runtime": "docker"},
                      {"size": 1, "template": "nope-template"}, {"size": 1, "surprise": 1}):
-            resp = httpx.put(f"{server.url}/v1/pools", json=body, headers=auth)
+            resp = documented(schema, httpx.put(f"{server.url}/v1/pools", json=body, headers=auth))
             assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid", resp.text
         key = httpx.post(f"{server.url}/v1/keys", json={"tenant": "alice"}, headers=auth)
         alice = {"Authorization": f"Bearer {key.json()['key']}"}
-        assert httpx.get(f"{server.url}/v1/pools", headers=alice).status_code == 403
-        assert httpx.put(f"{server.url}/v1/pools", json={"size": 1},
-                         headers=alice).status_code == 403
+        assert documented(schema, httpx.get(f"{server.url}/v1/pools",
+                                            headers=alice)).status_code == 403
+        assert documented(schema, httpx.put(f"{server.url}/v1/pools", json={"size": 1},
+                                            headers=alice)).status_code == 403
+        resp = documented(schema, httpx.put(f"{server.url}/v1/pools", headers=auth, json={
+            "size": 0, "runtime": "namespace", "memory": "256MiB"}))
+        assert resp.json()["memory"] == 256 * 2**20 and resp.json()["ready"] == 0
+        documented(schema, httpx.get(f"{server.url}/v1/pools", headers=auth))
+        assert documented(schema, httpx.delete(f"{server.url}/v1/pools/base/namespace",
+                                               headers=auth)).status_code == 204
+        assert documented(schema, httpx.delete(f"{server.url}/v1/pools/base/namespace",
+                                               headers=auth)).status_code == 404
 
         r = sealbox("pool", "set", "--size", "2", "--runtime", "namespace", env=env)
         assert r.returncode == 0 and "base/namespace" in r.stdout, r

@@ -7,14 +7,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, status
 
 from sealbox.api.deps import CallerDep, EngineDep
-from sealbox.api.models import COMMON_ERRORS, SANDBOX_ERRORS, EgressPolicy
+from sealbox.api.models import COMMON_ERRORS, SANDBOX_ERRORS, EgressPolicy, _error
 from sealbox.engine.spec import SandboxInfo, SandboxSpec
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"],
                    responses={**COMMON_ERRORS, **SANDBOX_ERRORS})
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=SandboxInfo)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SandboxInfo,
+             responses={503: _error("this installation's sandbox cap (--max-sandboxes) is "
+                                    "reached")})
 async def create_sandbox(spec: SandboxSpec, engine: EngineDep, caller: CallerDep) -> SandboxInfo:
     """Start a sandbox. Each secret comes back with its placeholder, never its value.
 
