@@ -15,10 +15,11 @@ import pytest
 
 from sealbox import Sandbox
 from sealbox._sys import cgroups, netns
+from sealbox.engine.config import EngineConfig
 from sealbox.engine.engine import Engine, netns_name
 from sealbox.engine.spec import ExecRequest, SandboxSpec, SandboxState, VolumeMount
 from sealbox.engine.volumes import VolumeCreate
-from sealbox.errors import SandboxError
+from sealbox.errors import ConflictError, SandboxError
 from support.server import ADMIN_KEY, start_server
 
 from conftest import RUN_ROOT
@@ -207,3 +208,38 @@ def test_cli_and_sdk_pause_resume(tmp_path: Path) -> None:
             sb.close()
     finally:
         assert server.stop()
+
+
+@pytest.mark.parametrize("runtime", TIERS)
+async def test_paused_sandbox_outlives_engine_shutdown_with_its_volume(
+        data_dir: Path, runtime: str) -> None:
+    """A graceful shutdown (SIGTERM, embedded engine closed) ends the processes of a paused
+    sandbox but keeps it resumable, with its volume claim; nothing stays mounted meanwhile."""
+    first = Engine(EngineConfig(data_dir=data_dir))
+    await first.start()
+    first.volumes.create(VolumeCreate(name="keep", size="16MiB"))
+    vol = first.volumes.mountpoint("keep")
+    try:
+        info = await first.create(SandboxSpec(
+            runtime=runtime, timeout=600, volumes=[VolumeMount(name="keep", path="/data")]))
+        await first.run(info.id, ExecRequest(cmd="echo v > /data/f && echo w > /workspace/f"))
+        await first.pause(info.id)
+    finally:
+        await first.close()
+    assert gone(info.id) == [] and not vol.exists()
+    second = Engine(EngineConfig(data_dir=data_dir))
+    await second.start()
+    try:
+        assert second.get(info.id).state == SandboxState.paused
+        # The paused sandbox still holds its volume: no other writer meanwhile.
+        with pytest.raises(ConflictError):
+            await second.create(SandboxSpec(runtime=runtime,
+                                            volumes=[VolumeMount(name="keep", path="/d")]))
+        resumed = await second.resume(info.id)
+        assert resumed.resumed_processes is False and resumed.volumes == info.volumes
+        r = await second.run(info.id, ExecRequest(cmd="cat /data/f /workspace/f"))
+        assert r.stdout == "v\nw\n", r
+        await second.kill(info.id)
+        assert not vol.exists() and gone(info.id) == []
+    finally:
+        await second.close()

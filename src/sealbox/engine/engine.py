@@ -157,9 +157,13 @@ class Engine:
             self.pools.load()
 
     async def close(self) -> None:
-        """Kill every sandbox this engine runs. Nothing of them survives."""
+        """Kill every sandbox this engine runs. Nothing of them survives, except that a paused
+        sandbox's saved state stays so the next engine can resume it (its processes end)."""
         await self.pools.stop()  # first: no refill may boot a sandbox while we kill them
-        await asyncio.gather(*(self.kill(i, reason="engine shut down") for i in list(self._live)))
+        await asyncio.gather(*(
+            self._suspend(live) if live.info.state == SandboxState.paused
+            and self.paused.exists(sandbox_id) else self.kill(sandbox_id, reason="engine shut down")
+            for sandbox_id, live in list(self._live.items())))
         await self.gateway.stop()
         self.store.close()
         self.templates.close()
@@ -455,6 +459,27 @@ class Engine:
             self.store.put(info)
             self.events.write(sandbox_id, "resumed", processes=True)
             return info.model_copy(deep=True)
+
+    async def _suspend(self, live: _Live) -> None:
+        """End a paused sandbox's processes and everything on the host, keeping its record
+        (paused) and saved state: the engine is shutting down, and a later one resumes it."""
+        async with live.lock:
+            if live.ended.is_set():
+                return
+            live.ended.set()
+            sandbox_id = live.info.id
+            try:
+                await live.guest.close()
+                await live.runtime.kill()
+                await self.gateway.detach(sandbox_id)
+            finally:
+                await asyncio.to_thread(self._remove_leftovers, sandbox_id)
+                self._live.pop(sandbox_id, None)
+                live.info.resume_note = LOST_PROCESSES
+                self.store.put(live.info)
+                self.store.disown(sandbox_id)
+                self.events.write(sandbox_id, "suspended", reason="engine shut down")
+                live.gone.set()
 
     def _arm_timer(self, live: _Live, seconds: float | None) -> None:
         if seconds is None:

@@ -123,6 +123,13 @@ class Store:
             db.execute("UPDATE sandboxes SET host_pid=?, host_pid_start=? WHERE id=?",
                        (self._me[0], self._me[1], sandbox_id))
 
+    def disown(self, sandbox_id: str) -> None:
+        """Leave the sandbox to whichever process comes next (a paused sandbox kept across an
+        engine shutdown): it counts as an orphan from now on."""
+        with self._tx() as db:
+            db.execute("UPDATE sandboxes SET host_pid=-1, host_pid_start='none' WHERE id=?",
+                       (sandbox_id,))
+
     def prune(self, keep: int = 1000) -> None:
         """Forget the oldest ended sandboxes beyond KEEP."""
         with self._tx() as db:
