@@ -491,7 +491,11 @@ def test_remote_sdk_and_cli(tmp_path: Path) -> None:
         # A server never reads its own disk for a build's files.
         r = httpx.post(f"{server.url}/v1/templates", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                        json={"name": "x", "files": [{"src": "/etc/hostname", "dest": "/opt/h"}]})
-        assert '"type": "error"' in r.text and "inline" in r.text
+        assert r.status_code == 400 and "inline" in r.json()["error"]["message"]
+        r = httpx.post(f"{server.url}/v1/templates", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                       json={"name": "x", "run": ["exit 7"]})
+        assert r.status_code == 200 and '"type": "error"' in r.text and "exit code 7" in r.text
+        assert "x" not in [t.name for t in Template.list(url=server.url, api_key=ADMIN_KEY)]
         with Sandbox.create(runtime="namespace", template="remote", url=server.url,
                             api_key=ADMIN_KEY) as sb:
             assert sb.exec("cat /opt/hello.txt /workspace/ran").stdout.split() == [

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sealbox.api.deps import CallerDep, EngineDep
 from sealbox.api.models import COMMON_ERRORS, SANDBOX_ERRORS
+from sealbox.engine import template_build
 from sealbox.engine.engine import Engine
 from sealbox.engine.spec import SandboxInfo
 from sealbox.engine.templates import NAME_PATTERN, TemplateInfo, TemplateSpec
@@ -64,7 +65,9 @@ async def _build_events(engine: Engine, spec: TemplateSpec, owner: str | None
                               "description": "NDJSON build events, ending with done or error"}})
 async def build_template(spec: TemplateSpec, engine: EngineDep, caller: CallerDep
                          ) -> StreamingResponse:
-    """Build a template (or find it built). Files must come inline (`content_b64`)."""
+    """Build a template (or find it built). Files must come inline (`content_b64`). A spec
+    refused outright is a 400; a build that fails ends the stream with an `error` event."""
+    template_build.check(engine, spec)
     return StreamingResponse(_build_events(engine, spec, caller.owner), media_type=NDJSON)
 
 

@@ -95,16 +95,24 @@ async def _run_step(guest: GuestClient, argv: list[str], cwd: str, log: _Log) ->
     return -1
 
 
-async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
-                progress: Progress | None = None) -> TemplateInfo:
-    """Build SPEC (or find it in the cache) and register it under its name for OWNER."""
-    report: Progress = progress or (lambda _event: None)
+def check(engine: Engine, spec: TemplateSpec) -> None:
+    """What can be refused before a build starts (ConfigError)."""
     if spec.base == "debian":
         raise ConfigError("base 'debian' (a debootstrap rootfs) is not supported yet: "
                           "use base 'host'")
     if not engine.config.allow_host_workspace and any(f.src for f in spec.files):
         raise ConfigError("this server does not read its own files: send file contents inline "
                           "(content_b64), as the SDK and CLI do")
+    for f in spec.files:
+        if f.content_b64 is not None:
+            f.content()  # valid base64
+
+
+async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
+                progress: Progress | None = None) -> TemplateInfo:
+    """Build SPEC (or find it in the cache) and register it under its name for OWNER."""
+    report: Progress = progress or (lambda _event: None)
+    check(engine, spec)
     await engine.start()
     contents = await asyncio.to_thread(lambda: [f.content() for f in spec.files])
     digest = content_hash(spec, contents)
