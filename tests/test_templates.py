@@ -704,3 +704,17 @@ def test_build_owner_killed_midway_leaves_nothing(tmp_path: Path) -> None:
     assert not [m for m in _overlay_mounts() if build_ids[0] in m]
     assert not (Path("/run/sealbox") / build_ids[0]).exists()
     assert not Path(f"/run/netns/sealbox-{build_ids[0]}").exists()
+
+
+async def test_build_disk_limit(tengine: Engine) -> None:
+    from sealbox._sys import volumes as volumes_sys
+
+    loops_before = volumes_sys.leaked_loops()
+    with pytest.raises(CommandError, match="No space left") as exc:
+        await tengine.build_template(TemplateSpec(
+            name="filler", disk="100MiB", run=["head -c 200000000 /dev/zero > /opt/big"]))
+    assert "exit code 1" in exc.value.message
+    assert not tengine.templates.exists("filler")
+    assert not list(tengine.templates.root.glob(".build-*"))
+    assert volumes_sys.leaked_loops() == loops_before
+    assert not _overlay_mounts()

@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import shlex
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sealbox._sys import netns
+from sealbox._sys import netns, overlay
+from sealbox._sys import volumes as volumes_sys
 from sealbox.engine import workspace_tar
 from sealbox.engine.spec import SandboxInfo, SandboxState
 from sealbox.engine.store import now
 from sealbox.engine.templates import TemplateInfo, TemplateSpec, content_hash, dir_size, new_info
-from sealbox.errors import CommandError, ConfigError
+from sealbox.errors import CommandError, ConfigError, SandboxError
 from sealbox.guest.client import GuestClient, Output
 from sealbox.runtimes.base import LaunchSpec, Limits
 from sealbox.runtimes.build import finalize, start_build
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
 Progress = Callable[[dict[str, Any]], None]
 STEP_TIMEOUT = 3600.0
-BUILD_DISK = 4 * 1024**3
 MAX_WORKSPACE = 4 * 1024**3
 _APT = ["apt-get", "-y", "-q", "-o", "APT::Sandbox::User=root", "-o", "Dpkg::Use-Pty=0",
         "-o", "Acquire::Retries=0"]
@@ -138,8 +139,10 @@ async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
                          report)
         out = build_dir / "out"
         out.mkdir()
-        await asyncio.to_thread(finalize, build_dir / "upper")
-        (build_dir / "upper").rename(out / "layer")
+        scratch = build_dir / "scratch"
+        await asyncio.to_thread(finalize, scratch / "upper")
+        await asyncio.to_thread(_copy_tree, scratch / "upper", out / "layer")
+        await asyncio.to_thread(volumes_sys.umount, scratch)
         if tar.is_file():
             tar.rename(out / "workspace.tar")
         log.close()
@@ -159,7 +162,19 @@ async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
         return info
     finally:
         log.close()
-        await asyncio.to_thread(shutil.rmtree, build_dir, True)
+        await asyncio.to_thread(_remove_build_dir, build_dir)
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    """SRC to DEST with ownership, modes, xattrs (overlay's opaque marks) and whiteouts."""
+    r = subprocess.run(["cp", "-a", "--", str(src), str(dest)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SandboxError(f"copying the built layer failed: {r.stderr.strip()[-500:]}")
+
+
+def _remove_build_dir(build_dir: Path) -> None:
+    overlay.unmount_all(build_dir)  # the scratch filesystem, if still mounted
+    shutil.rmtree(build_dir, ignore_errors=True)
 
 
 def _public(spec: TemplateSpec) -> TemplateSpec:
@@ -187,6 +202,12 @@ async def _sandboxed(engine: Engine, sandbox_id: str, spec: TemplateSpec, owner:
     try:
         build_dir.mkdir(mode=0o700)  # after the record: reconcile never sweeps a live build's
         run_dir.mkdir(parents=True, mode=0o711)
+        # The layer, /tmp and /workspace of a build are capped: a build that fills its disk
+        # fails with ENOSPC instead of filling the host's.
+        scratch = build_dir / "scratch"
+        image = build_dir / volumes_sys.IMAGE_NAME
+        await asyncio.to_thread(volumes_sys.make_image, image, spec.disk)
+        await asyncio.to_thread(volumes_sys.mount, image, scratch)
         await asyncio.to_thread(netns.create, ns)
         attachment = await engine.gateway.attach(sandbox_id, ns, spec.build_hosts(), {},
                                                  run_dir)
@@ -201,11 +222,11 @@ async def _sandboxed(engine: Engine, sandbox_id: str, spec: TemplateSpec, owner:
             ro_files["/etc/apt/sources.list.d"] = apt / "sources.list.d"
         launch = LaunchSpec(
             sandbox_id=sandbox_id, netns=ns, run_dir=run_dir,
-            limits=Limits(pids=4096, disk_bytes=BUILD_DISK),
+            limits=Limits(pids=4096, disk_bytes=spec.disk, memory_bytes=spec.memory),
             env={**attachment.env, **spec.env, "PIP_NO_INPUT": "1"},
             hostname="sealbox-build", ro_files=ro_files,
         )
-        sandbox = await start_build(launch, build_dir)
+        sandbox = await start_build(launch, scratch)
         guest = await sandbox.connect()
         info.state = SandboxState.running
         engine.store.put(info)

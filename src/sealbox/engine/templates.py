@@ -29,7 +29,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sealbox._sys import overlay
 from sealbox.engine.store import now
+from sealbox.engine.units import parse_size
 from sealbox.errors import ConfigError, NotFoundError
 
 BUILDER_VERSION = "1"
@@ -126,6 +128,20 @@ class TemplateSpec(BaseModel):
                                    description="sources.list lines replacing the host's")
     pip_index_url: str | None = None
     npm_registry: str | None = None
+    disk: int = Field(default=8 * 1024**3, description="bytes the build may write (its layer, "
+                      "/tmp, /workspace each); not part of the content hash")
+    memory: int = Field(default=4 * 1024**3, description="the build's memory limit; not hashed")
+
+    @field_validator("disk", "memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        try:
+            size = parse_size(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        if size < 64 * 1024**2:
+            raise ValueError("must be at least 64MiB")
+        return size
 
     @field_validator("apt")
     @classmethod
@@ -241,7 +257,7 @@ def host_base_identity() -> str:
 
 
 def content_hash(spec: TemplateSpec, files: list[bytes]) -> str:
-    body = spec.model_dump(mode="json", exclude={"name"})
+    body = spec.model_dump(mode="json", exclude={"name", "disk", "memory"})
     body["files"] = [{"dest": f.dest, "mode": f.mode,
                       "sha256": hashlib.sha256(data).hexdigest()}
                      for f, data in zip(spec.files, files, strict=True)]
@@ -316,6 +332,7 @@ class TemplateStore:
             sandbox_id = rest.split("-")[0].removesuffix(".tar")
             if kind in ("build", "snap", "fork") and sandbox_id not in live_ids:
                 if path.is_dir():
+                    overlay.unmount_all(path)  # a dead build's scratch filesystem
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)

@@ -117,12 +117,13 @@ def _opaque(path: str) -> bool:
 
 
 class BuildSandbox(NamespaceSandbox):
-    """A namespace sandbox whose system dirs write into ``build_dir/upper``."""
+    """A namespace sandbox whose system dirs write into ``scratch/upper``. SCRATCH is a
+    size-limited filesystem (the build's disk limit), made by the engine."""
 
-    def __init__(self, spec: LaunchSpec, build_dir: Path) -> None:
+    def __init__(self, spec: LaunchSpec, scratch: Path) -> None:
         super().__init__(spec)
-        self.upper = build_dir / "upper"
-        self.work = build_dir / "work"
+        self.upper = scratch / "upper"
+        self.work = scratch / "work"
 
     def _uid(self) -> int:
         return host_uid_for(self.sandbox_id)
@@ -195,6 +196,6 @@ class BuildSandbox(NamespaceSandbox):
             await asyncio.to_thread(overlay.unmount_all, self._root())
 
 
-async def start_build(spec: LaunchSpec, build_dir: Path) -> BuildSandbox:
+async def start_build(spec: LaunchSpec, scratch: Path) -> BuildSandbox:
     """A running build sandbox, or nothing left of it if starting failed."""
-    return await launched(BuildSandbox(spec, build_dir))
+    return await launched(BuildSandbox(spec, scratch))
