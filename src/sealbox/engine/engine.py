@@ -362,7 +362,11 @@ class Engine:
     async def _end(self, sandbox_id: str, limit: str) -> None:
         live = self._live.get(sandbox_id)
         if live is not None:
-            await self._finish(live, SandboxState.killed, describe_limit(limit, live.info))
+            reason = describe_limit(limit, live.info)
+            if limit == "timeout" and live.spec is not None and live.spec.timeout:
+                # Not expires_at - created_at: time spent paused does not count.
+                reason = f"sandbox timeout reached (limit {live.spec.timeout:g}s)"
+            await self._finish(live, SandboxState.killed, reason)
 
     async def _finish(self, live: _Live, state: SandboxState, reason: str) -> None:
         if live.ended.is_set():
@@ -505,7 +509,7 @@ class Engine:
 
     async def _resume_dormant(self, old: SandboxInfo) -> SandboxInfo:
         sandbox_id = old.id
-        spec = self.paused.load_spec(sandbox_id)
+        spec, remaining = self.paused.load(sandbox_id)
         runtime = registry.lookup(old.runtime)
         workspace = Path(spec.workspace) if spec.workspace else None
         if spec.volumes:
@@ -515,7 +519,7 @@ class Engine:
                                 sandbox_id=sandbox_id, metadata=old.metadata)
         live.spec = spec
         try:
-            await self._claim(live, spec, old.owner, spec.timeout, False)
+            await self._claim(live, spec, old.owner, remaining, False)
             await self.paused.restore_files(live.guest, sandbox_id)
         except BaseException as exc:
             await self._finish(live, SandboxState.failed, f"failed to resume: {exc}")

@@ -69,17 +69,17 @@ class PausedState:
             body = spec.model_dump(mode="json")
             for name, secret in spec.secrets.items():
                 body["secrets"][name]["value"] = secret.value.get_secret_value()
-            body["timeout"] = remaining
             fd = os.open(d / SPEC_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump(body, f)
+                json.dump({"spec": body, "remaining": remaining}, f)
         except BaseException:
             self.discard(sandbox_id)
             raise
 
-    def load_spec(self, sandbox_id: str) -> SandboxSpec:
+    def load(self, sandbox_id: str) -> tuple[SandboxSpec, float | None]:
+        """The sandbox's spec, and the seconds of its timeout that were left at pause."""
         data: dict[str, Any] = json.loads((self.dir(sandbox_id) / SPEC_NAME).read_text())
-        return SandboxSpec.model_validate(data)
+        return SandboxSpec.model_validate(data["spec"]), data["remaining"]
 
     async def restore_files(self, guest: GuestClient, sandbox_id: str) -> None:
         tar = self.dir(sandbox_id) / TAR_NAME
