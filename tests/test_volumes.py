@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import schemathesis
 
 from sealbox import Sandbox, Volume
 from sealbox._sys import volumes as sysvol
@@ -22,6 +23,7 @@ from sealbox.errors import ConfigError, ConflictError, NotFoundError
 from support.server import ADMIN_KEY, Server, start_server
 
 from conftest import RUN_ROOT
+from test_api import Api
 
 pytestmark = pytest.mark.privileged
 TIERS = ["namespace", "gvisor"]
@@ -234,52 +236,57 @@ def server(tmp_path: Path) -> Iterator[Server]:
         assert srv.stop(), srv.log.read_text()
 
 
-def _key(server: Server, tenant: str) -> dict[str, str]:
+def _api(server: Server, tenant: str) -> Api:
+    """A tenant's client; every response is checked against the server's /openapi.json."""
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{server.url}/openapi.json").json())
     r = httpx.post(f"{server.url}/v1/keys", json={"tenant": tenant},
                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert r.status_code == 201, r.text
-    return {"Authorization": f"Bearer {r.json()['key']}"}
+    return Api(server.url, schema, r.json()["key"])
 
 
 def test_api_volumes_belong_to_their_tenant(server: Server, tmp_path: Path) -> None:
-    alice, bob = _key(server, "alice"), _key(server, "bob")
-    with httpx.Client(base_url=server.url, timeout=90) as c:
-        r = c.post("/v1/volumes", json={"name": "cache", "size": "32MiB"}, headers=alice)
+    alice, bob = _api(server, "alice"), _api(server, "bob")
+    try:
+        r = alice.post("/v1/volumes", json={"name": "cache", "size": "32MiB"})
         assert r.status_code == 201 and r.json()["size"] == 32 * MiB, r.text
-        assert c.get("/v1/volumes/cache", headers=bob).status_code == 404
-        assert c.delete("/v1/volumes/cache", headers=bob).status_code == 404
-        assert c.get("/v1/volumes", headers=bob).json() == []
-        r = c.post("/v1/sandboxes", json={"runtime": "namespace",
-                                          "volumes": [{"name": "cache", "path": "/c"}]},
-                   headers=bob)
+        assert bob.get("/v1/volumes/cache").status_code == 404
+        assert bob.delete("/v1/volumes/cache").status_code == 404
+        assert bob.get("/v1/volumes").json() == []
+        r = bob.post("/v1/sandboxes", json={"runtime": "namespace",
+                                            "volumes": [{"name": "cache", "path": "/c"}]})
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         # Bob's own "cache" is a different volume.
-        assert c.post("/v1/volumes", json={"name": "cache", "size": "16MiB"},
-                      headers=bob).status_code == 201
-        r = c.post("/v1/sandboxes", json={"runtime": "namespace",
-                                          "volumes": [{"name": "cache", "path": "/c"}]},
-                   headers=alice)
+        assert bob.post("/v1/volumes", json={"name": "cache", "size": "16MiB"}).status_code == 201
+        r = alice.post("/v1/sandboxes", json={"runtime": "namespace",
+                                              "volumes": [{"name": "cache", "path": "/c"}]})
         assert r.status_code == 201, r.text
         sid = r.json()["id"]
         assert r.json()["volumes"] == [{"name": "cache", "path": "/c", "read_only": False}]
-        r = c.delete("/v1/volumes/cache", headers=alice)
+        r = alice.delete("/v1/volumes/cache")
         assert r.status_code == 409 and sid in r.json()["error"]["message"]
-        assert c.get("/v1/volumes/cache", headers=alice).json()["used_by"] == [sid]
+        assert alice.get("/v1/volumes/cache").json()["used_by"] == [sid]
+        r = alice.post("/v1/sandboxes", json={"runtime": "namespace",
+                                              "volumes": [{"name": "cache", "path": "/d"}]})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
         for body, code in [
             ({"name": "Bad Name"}, 400), ({"name": "ok", "size": "lots"}, 400),
             ({"name": "ok", "size": 1}, 400), ({"name": "ok", "extra": 1}, 400),
             ({"name": "cache"}, 409),
         ]:
-            r = c.post("/v1/volumes", json=body, headers=alice)
+            r = alice.post("/v1/volumes", json=body)
             assert r.status_code == code, (body, r.text)
-            assert "error" in r.json()
-        r = c.post("/v1/sandboxes", json={"runtime": "namespace",
-                                          "volumes": [{"name": "cache", "path": "/proc/x"}]},
-                   headers=alice)
+            assert "Traceback" not in r.text and r.json()["error"]["message"]
+        assert alice.get("/v1/volumes/Bad..name").status_code == 400
+        r = alice.post("/v1/sandboxes", json={"runtime": "namespace",
+                                              "volumes": [{"name": "cache", "path": "/proc/x"}]})
         assert r.status_code == 400 and "/proc" in r.json()["error"]["message"]
-        assert c.delete(f"/v1/sandboxes/{sid}", headers=alice).status_code == 200
-        assert c.delete("/v1/volumes/cache", headers=alice).status_code == 200
-    assert mounted(tmp_path / "data") == [] and sysvol.leaked_loops() == []
+        assert alice.delete(f"/v1/sandboxes/{sid}").status_code == 200
+        assert alice.delete("/v1/volumes/cache").status_code == 200
+        assert mounted(tmp_path / "data") == [] and sysvol.leaked_loops() == []
+    finally:
+        alice.close()
+        bob.close()
 
 
 def test_server_sigkill_leaves_no_mount_after_restart(tmp_path: Path) -> None:
