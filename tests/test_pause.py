@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tarfile
 import sys
 import time
 from pathlib import Path
@@ -244,3 +245,31 @@ async def test_paused_sandbox_outlives_engine_shutdown_with_its_volume(
         assert not vol.exists() and gone(info.id) == []
     finally:
         await second.close()
+
+
+async def test_microvm_counter_does_not_advance_while_paused(engine: Engine,
+                                                            data_dir: Path) -> None:
+    """microvm: no volumes to read from outside, so the value at pause comes from the
+    /workspace tar pause saved; frozen for 5 s (50 ticks) it must not have moved by more than
+    the few ticks of the save itself, and the same shell keeps counting after resume."""
+    counter = COUNTER.replace("/data/", "/workspace/")
+    info = await engine.create(SandboxSpec(runtime="microvm", timeout=300))
+    await engine.run(info.id, ExecRequest(cmd=counter, background=True))
+    r = await engine.run(info.id, ExecRequest(
+        cmd="while [ ! -s /workspace/c ] || [ $(cat /workspace/c) -lt 5 ]; do sleep 0.1; done"))
+    assert r.exit_code == 0
+    await engine.pause(info.id)
+    with tarfile.open(data_dir / "paused" / info.id / "workspace.tar") as tar:
+        member = tar.extractfile("./c")
+        assert member is not None
+        at_pause = int(member.read())
+    time.sleep(5)
+    await engine.resume(info.id)
+    after = int((await engine.run(info.id, ExecRequest(cmd="cat /workspace/c"))).stdout)
+    assert at_pause <= after < at_pause + 10, (at_pause, after)
+    later = int((await engine.run(info.id, ExecRequest(
+        cmd=f"while [ $(cat /workspace/c) -le {after} ]; do sleep 0.1; done; cat /workspace/c")
+    )).stdout)
+    assert later > after
+    await engine.kill(info.id)
+    assert gone(info.id) == []
