@@ -160,6 +160,8 @@ def test_paused_sandbox_survives_server_sigkill(tmp_path: Path, runtime: str) ->
             assert info["state"] == "paused", info
             assert "processes" in info["resume_note"]
             assert [i["id"] for i in c.get("/v1/sandboxes").json()] == [sid]
+            r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "true"})
+            assert r.status_code == 409 and "resume it first" in r.json()["error"]["message"]
         assert gone(sid) == []
         assert secret_value.encode() not in (data / "state.db").read_bytes()
         # `sealbox resume` says plainly that processes did not come back.

@@ -47,11 +47,16 @@ async def kill_sandbox(sandbox_id: str, engine: EngineDep, caller: CallerDep) ->
 
 @router.post("/{sandbox_id}/pause", response_model=SandboxInfo)
 async def pause_sandbox(sandbox_id: str, engine: EngineDep, caller: CallerDep) -> SandboxInfo:
+    """Freeze the sandbox: no CPU, and its timeout clock stops (`paused_at`). Commands are
+    refused (409) until it is resumed. It survives a server restart (see `resume`)."""
     return await engine.pause(sandbox_id, owner=caller.owner)
 
 
 @router.post("/{sandbox_id}/resume", response_model=SandboxInfo)
 async def resume_sandbox(sandbox_id: str, engine: EngineDep, caller: CallerDep) -> SandboxInfo:
+    """Thaw a paused sandbox; `expires_at` moves by the time it was paused. If the server
+    restarted meanwhile, a fresh sandbox with the same id, policy, limits, volumes and the
+    /workspace files saved at pause is booted, and `resumed_processes` is false."""
     return await engine.resume(sandbox_id, owner=caller.owner)
 
 

@@ -604,6 +604,8 @@ class Engine:
         live = self._owned_live(sandbox_id, owner)
         if live is None or live.ended.is_set():
             info = self.get(sandbox_id, owner)
+            if info.state == SandboxState.paused:  # paused while its old server died
+                raise SandboxError(f"sandbox {sandbox_id} is paused: resume it first")
             raise SandboxGone(
                 f"sandbox {sandbox_id} is {info.state.value}"
                 + (f": {info.end_reason}" if info.end_reason else "")
