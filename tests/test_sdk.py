@@ -14,8 +14,8 @@ from sealbox import AsyncSandbox, Sandbox, Secret
 from sealbox.engine.spec import ExecResult
 from sealbox.errors import CommandError, ConfigError, NotFoundError
 from sealbox.guest.client import Output
-from sealbox.sdk.async_sandbox import AsyncFiles
-from sealbox.sdk.sync_sandbox import Files
+from sealbox.sdk.async_sandbox import AsyncFiles, AsyncVolume
+from sealbox.sdk.sync_sandbox import Files, Volume
 from support.server import ADMIN_KEY, start_server
 
 
@@ -30,7 +30,8 @@ def public(cls: type) -> dict[str, inspect.Signature]:
     return out
 
 
-@pytest.mark.parametrize(("sync", "async_"), [(Sandbox, AsyncSandbox), (Files, AsyncFiles)])
+@pytest.mark.parametrize(("sync", "async_"), [(Sandbox, AsyncSandbox), (Files, AsyncFiles),
+                                              (Volume, AsyncVolume)])
 def test_sync_surface_matches_async(sync: type, async_: type) -> None:
     s, a = public(sync), public(async_)
     a = {k.replace("__aenter__", "__enter__").replace("__aexit__", "__exit__"): v
