@@ -103,6 +103,8 @@ def build(
         "--apt-source", help="sources.list line replacing the host's")] = None,
     pip_index_url: Annotated[str | None, typer.Option(help="pip index URL")] = None,
     npm_registry: Annotated[str | None, typer.Option(help="npm registry URL")] = None,
+    disk: Annotated[str | None, typer.Option(help="the build's disk limit (default 8GiB)")] = None,
+    memory: Annotated[str | None, typer.Option(help="the build's memory (default 4GiB)")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="print build output")] = False,
     resolve: ResolveOpt = None, upstream_ca: UpstreamCaOpt = None,
 ) -> None:
@@ -113,7 +115,7 @@ def build(
             "name": name, "apt": apt, "pip": pip, "npm": npm, "run": run,
             "env": parse_env(env or []) if env else None, "workdir": workdir, "start": start,
             "allow_net": allow_net, "apt_sources": apt_source, "pip_index_url": pip_index_url,
-            "npm_registry": npm_registry,
+            "npm_registry": npm_registry, "disk": disk, "memory": memory,
             "files": [parse_file(f).model_dump(exclude_none=True) for f in files or []] or None,
         }
         if not _where():

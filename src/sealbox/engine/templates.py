@@ -378,10 +378,16 @@ class TemplateStore:
         return row is not None
 
     def list(self, owner: str | None = None) -> builtins.list[TemplateInfo]:
+        """OWNER's templates and the shared ones it may use (its own win on a name clash)."""
         with self._lock:
-            rows = self._db.execute("SELECT info FROM templates WHERE owner=? ORDER BY name",
-                                    (owner or "",)).fetchall()
-        return [TemplateInfo.model_validate_json(r[0]) for r in rows]
+            rows = self._db.execute(
+                "SELECT info FROM templates WHERE owner=? OR owner='' ORDER BY name, owner=''",
+                (owner or "",)).fetchall()
+        found: dict[str, TemplateInfo] = {}
+        for (text,) in rows:
+            info = TemplateInfo.model_validate_json(text)
+            found.setdefault(info.name, info)
+        return builtins.list(found.values())
 
     def remove(self, name: str, owner: str | None = None) -> TemplateInfo:
         """Forget NAME; delete its directory once no name (of any owner) uses it."""
