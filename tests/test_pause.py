@@ -66,7 +66,8 @@ def gone(sid: str) -> list[str]:
 
 
 @pytest.mark.parametrize("runtime", TIERS)
-async def test_counter_keeps_counting_from_where_it_was(engine: Engine, runtime: str) -> None:
+async def test_counter_keeps_counting_from_where_it_was(engine: Engine, runtime: str,
+                                                        data_dir: Path) -> None:
     # The counter writes into a volume so the host can read it while the sandbox is frozen.
     engine.volumes.create(VolumeCreate(name="count", size="16MiB"))
     counter = engine.volumes.mountpoint("count") / "c"
@@ -86,6 +87,7 @@ async def test_counter_keeps_counting_from_where_it_was(engine: Engine, runtime:
     resumed = await engine.resume(info.id)
     assert resumed.state == SandboxState.running and resumed.paused_at is None
     assert resumed.resumed_processes is True
+    assert not (data_dir / "paused" / info.id).exists()  # secrets at rest only while paused
     after = wait_counter_above(counter, at_pause)
     # The same shell kept its variable: it continued from where it was, not from 1.
     assert at_pause < after <= at_pause + 50
@@ -143,13 +145,16 @@ def test_paused_sandbox_survives_server_sigkill(tmp_path: Path, runtime: str) ->
         c.post(f"/v1/sandboxes/{sid}/exec", json={
             "cmd": "mkdir -p /workspace/sub && echo hello > /workspace/sub/f && "
                    "head -c 3000000 /dev/urandom > /workspace/blob && sha256sum /workspace/blob"
-                   " > /workspace/sum"}).raise_for_status()
+                   " > /workspace/sum && ln -s /root /workspace/rootlink && "
+                   "ln -s ../../../../etc /workspace/sub/up"}).raise_for_status()
         c.post(f"/v1/sandboxes/{sid}/exec",
                json={"cmd": "sleep 600", "background": True}).raise_for_status()
         paused = c.post(f"/v1/sandboxes/{sid}/pause").json()
         assert paused["state"] == "paused" and paused["paused_at"]
     saved = data / "paused" / sid / "resume.json"
     assert saved.stat().st_mode & 0o777 == 0o600
+    # The host keeps the sandbox's files as one opaque tar: nothing it wrote is unpacked here.
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["resume.json", "workspace.tar"]
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     restarted = start_server(data)
@@ -177,6 +182,8 @@ def test_paused_sandbox_survives_server_sigkill(tmp_path: Path, runtime: str) ->
             assert sb.info.created_at.isoformat().startswith(created["created_at"][:19])
             assert sb.exec("cat /workspace/sub/f").stdout == "hello\n"
             assert sb.exec("sha256sum -c /workspace/sum").exit_code == 0
+            r1 = sb.exec("readlink /workspace/rootlink /workspace/sub/up")
+            assert r1.stdout == "/root\n../../../../etc\n"
             # Policy and secrets are back: the placeholder, never the value, is in the env.
             r2 = sb.exec("echo $K $TOKEN; " + COUNT_SLEEPS)
             assert r2.stdout.startswith("v ") and secret_value not in r2.stdout

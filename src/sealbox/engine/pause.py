@@ -31,6 +31,8 @@ from sealbox.guest.client import ExitStatus, GuestClient, Output
 TAR_NAME = "workspace.tar"
 SPEC_NAME = "resume.json"
 _CHUNK = 1 << 20
+UNLIMITED_SAVE = 16 * 1024**3
+"""Most bytes a pause saves for a sandbox with no disk limit (the host's disk is not theirs)."""
 LOST_PROCESSES = ("the server restarted while the sandbox was paused: its processes and memory "
                   "were lost; /workspace was restored from the files saved at pause")
 
@@ -100,7 +102,8 @@ async def _tar_out(guest: GuestClient, dest: Path, limit: int | None) -> None:
             if isinstance(item, Output):
                 if item.stream == "stdout":
                     size += len(item.data)
-                    if limit is not None and size > limit + (1 << 20):
+                    # Headers and padding make a tar a little larger than the files.
+                    if size > (limit or UNLIMITED_SAVE) * 1.1 + (1 << 20):
                         await handle.signal(9)
                         raise SandboxError("cannot pause: /workspace grew past the disk limit "
                                            "while being saved")

@@ -33,8 +33,9 @@ from sealbox.runtimes.namespace import SANDBOX_UID, host_uid_for
 DEFAULT_SIZE = 1024**3
 MIN_SIZE = 16 * 1024**2
 MAX_SIZE = 16 * 1024**4
-LOCAL_TENANT = "local"
-"""Owner of volumes made without a tenant (embedded engine: CLI `run`, SDK without a server)."""
+LOCAL_TENANT = "_local"
+"""Owner of volumes made without a tenant (embedded engine: CLI `run`, SDK without a server).
+Not a valid API tenant name, so no API key can reach these."""
 
 
 class VolumeCreate(BaseModel):
