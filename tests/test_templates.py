@@ -274,14 +274,46 @@ async def test_gvisor_sees_the_layer(tengine: Engine) -> None:
     try:
         code, out = await sh(tengine, sb.id, "cat /opt/gv.txt; echo $GV; echo x > /opt/y")
         assert out.split()[:2] == ["gv", "1"] and code != 0
+        await sh(tengine, sb.id, "echo from-gvisor > /workspace/g")
+        await tengine.snapshot(sb.id, "gv-snap")
+        child = await tengine.fork(sb.id)
+        try:
+            assert child.runtime == "gvisor"
+            _, out = await sh(tengine, child.id, "cat /workspace/g /opt/gv.txt")
+            assert out.split() == ["from-gvisor", "gv"]
+        finally:
+            await tengine.kill(child.id)
     finally:
         await tengine.kill(sb.id)
+    # A snapshot taken on one tier starts on another.
+    ns = await tengine.create(SandboxSpec(runtime="namespace", template="gv-snap"))
+    try:
+        _, out = await sh(tengine, ns.id, "cat /workspace/g /opt/gv.txt")
+        assert out.split() == ["from-gvisor", "gv"]
+    finally:
+        await tengine.kill(ns.id)
 
 
-async def test_microvm_refuses_templates(tengine: Engine) -> None:
+async def test_microvm_refuses_layers_but_takes_workspace_snapshots(tengine: Engine) -> None:
     await tengine.build_template(TemplateSpec(name="mv", run=["touch /opt/mv"]))
     with pytest.raises(ConfigError, match="microvm"):
         await tengine.create(SandboxSpec(runtime="microvm", template="mv"))
+    probe = __import__("sealbox.runtimes.registry", fromlist=["get"]).get("microvm").probe()
+    if not probe.ok:
+        pytest.skip(probe.detail)
+    # A snapshot of a sandbox without a template has no layer: every tier can start from it.
+    sb = await tengine.create(SandboxSpec(runtime="namespace"))
+    try:
+        await sh(tengine, sb.id, "echo to-the-vm > /workspace/v")
+        await tengine.snapshot(sb.id, "plain-ws")
+    finally:
+        await tengine.kill(sb.id)
+    vm = await tengine.create(SandboxSpec(runtime="microvm", template="plain-ws"))
+    try:
+        _, out = await sh(tengine, vm.id, "cat /workspace/v")
+        assert out.strip() == "to-the-vm"
+    finally:
+        await tengine.kill(vm.id)
 
 
 # ----- bad specs -----------------------------------------------------------------------------

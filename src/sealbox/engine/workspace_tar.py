@@ -18,7 +18,10 @@ CHUNK = 1 << 20
 
 async def save(guest: GuestClient, dest: Path, cap: int) -> int:
     """Write /workspace as a tar file to DEST; its size. SandboxError past CAP bytes."""
-    handle = await guest.exec(["tar", "-C", "/workspace", "--numeric-owner", "-cf", "-", "."])
+    # The entries of /workspace, not "." itself: /workspace is the tier's mount point, whose
+    # mode and times a sandbox user may not set (gVisor's tmpfs is root's).
+    handle = await guest.exec(["/bin/sh", "-c", "cd /workspace && find . -mindepth 1 "
+                               "-maxdepth 1 -print0 | tar --null -T - --numeric-owner -cf -"])
     size = 0
     err = bytearray()
     with open(dest, "wb") as f:
@@ -45,7 +48,7 @@ async def save(guest: GuestClient, dest: Path, cap: int) -> int:
 async def restore(guest: GuestClient, tar: Path, clear: bool = False) -> None:
     """Unpack TAR into /workspace (emptied first if CLEAR)."""
     script = ("find /workspace -mindepth 1 -delete && " if clear else "") + \
-        "exec tar -C /workspace --no-same-owner -xf -"
+        "exec tar -C /workspace --no-same-owner --no-overwrite-dir -xf -"
     handle = await guest.exec(["/bin/sh", "-c", script], stdin=True)
     with open(tar, "rb") as f:
         while chunk := await asyncio.to_thread(f.read, CHUNK):
