@@ -754,3 +754,55 @@ async def test_build_disk_limit(tengine: Engine) -> None:
     assert not list(tengine.templates.root.glob(".build-*"))
     assert volumes_sys.leaked_loops() == loops_before
     assert not _overlay_mounts()
+
+
+def test_rest_routes_match_openapi_and_tenants(tmp_path: Path) -> None:
+    import httpx
+    import schemathesis
+    from support.server import ADMIN_KEY, start_server
+    from test_api import Api
+
+    data = tmp_path / "data"
+    data.mkdir()
+    server = start_server(data)
+    try:
+        schema = schemathesis.openapi.from_dict(httpx.get(f"{server.url}/openapi.json").json())
+        admin = Api(server.url, schema, ADMIN_KEY)
+        keys = {t: admin.post("/v1/keys", json={"tenant": t}).json()["key"]
+                for t in ("alice", "bob")}
+        alice, bob = (Api(server.url, schema, keys[t]) for t in ("alice", "bob"))
+        body = {"name": "a-tpl", "files": [{"dest": "/opt/f",
+                                            "content_b64": base64.b64encode(b"f\n").decode()}]}
+        with alice.stream("POST", "/v1/templates", json=body) as resp:
+            assert resp.status_code == 200
+            events = [json.loads(line) for line in resp.iter_lines() if line.strip()]
+        assert events[-1]["type"] == "done" and events[-1]["template"]["name"] == "a-tpl"
+        assert [t["name"] for t in alice.get("/v1/templates").json()] == ["a-tpl"]
+        assert alice.get("/v1/templates/a-tpl").json()["hash"] == events[-1]["template"]["hash"]
+        assert "==> file /opt/f" in alice.get("/v1/templates/a-tpl/logs").text
+        assert bob.get("/v1/templates/a-tpl").status_code == 404
+        assert bob.get("/v1/templates").json() == []
+        r = bob.post("/v1/sandboxes", json={"runtime": "namespace", "template": "a-tpl"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = alice.post("/v1/sandboxes", json={"runtime": "namespace", "template": "a-tpl"})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        assert r.json()["template"] == "a-tpl"
+        try:
+            assert bob.post(f"/v1/sandboxes/{sid}/snapshot", json={"name": "s"}).status_code == 404
+            assert bob.post(f"/v1/sandboxes/{sid}/fork").status_code == 404
+            r = alice.post(f"/v1/sandboxes/{sid}/snapshot", json={"name": "../x"})
+            assert r.status_code == 400 and "invalid" in r.json()["error"]["message"]
+            r = alice.post(f"/v1/sandboxes/{sid}/snapshot", json={"name": "a-snap"})
+            assert r.status_code == 201 and r.json()["parent"] == "a-tpl"
+            r = alice.post(f"/v1/sandboxes/{sid}/fork")
+            assert r.status_code == 201 and r.json()["owner"] == "alice"
+            assert alice.delete(f"/v1/sandboxes/{r.json()['id']}").status_code == 200
+        finally:
+            alice.delete(f"/v1/sandboxes/{sid}")
+        assert alice.delete("/v1/templates/a-snap").status_code == 200
+        assert alice.delete("/v1/templates/a-snap").status_code == 404
+        for api in (admin, alice, bob):
+            api.close()
+    finally:
+        assert server.stop()
