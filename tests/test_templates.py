@@ -370,6 +370,20 @@ async def test_build_egress_is_limited(tengine: Engine, packages: PackageServer)
     assert any(r.startswith(OTHER_HOST) and r.endswith("/allowed") for r in packages.requests)
 
 
+async def test_rm_while_in_use_keeps_the_layer_until_unused(tengine: Engine) -> None:
+    info = await tengine.build_template(TemplateSpec(name="inuse", run=["echo v > /opt/v"]))
+    sb = await tengine.create(SandboxSpec(runtime="namespace", template="inuse"))
+    try:
+        tengine.remove_template("inuse")
+        assert tengine.templates.dir(info.hash).is_dir()
+        _, out = await sh(tengine, sb.id, "cat /opt/v")
+        assert out.strip() == "v"
+    finally:
+        await tengine.kill(sb.id)
+    tengine.templates.collect({info.hash})
+    assert not tengine.templates.dir(info.hash).exists()
+
+
 async def test_template_not_found_and_rm(tengine: Engine) -> None:
     with pytest.raises(NotFoundError, match="no template 'nope'"):
         await tengine.create(SandboxSpec(runtime="namespace", template="nope"))

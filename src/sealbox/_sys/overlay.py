@@ -50,6 +50,24 @@ def mounts_under(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
+def lower_dirs_in_use() -> list[str]:
+    """Every lower dir of every overlay mounted on this host (any process, any sandbox)."""
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        _, _, right = line.partition(" - ")
+        fields = right.split()
+        if len(fields) < 3 or fields[0] != "overlay":
+            continue
+        for opt in fields[2].split(","):
+            if opt.startswith("lowerdir="):
+                found += [d.replace("\\:", ":") for d in opt[9:].split(":")]
+    return found
+
+
 def unmount_all(root: Path) -> None:
     """Detach every mount at or below ROOT (idempotent); before anyone deletes ROOT."""
     for point in mounts_under(root):

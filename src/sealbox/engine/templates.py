@@ -21,6 +21,7 @@ import re
 import shutil
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +48,7 @@ NPM_HOSTS = ["registry.npmjs.org"]
 # Where a file may be put: the captured system dirs, or the workspace.
 FILE_ROOTS = ("/usr/", "/etc/", "/opt/", "/workspace/")
 MAX_FILE = 64 * 1024**2
+GC_AGE = 600.0
 
 
 def check_name(name: str) -> str:
@@ -336,6 +338,7 @@ class TemplateStore:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
+        self.collect()
 
     def dir(self, digest: str) -> Path:
         return self.root / digest
@@ -390,20 +393,44 @@ class TemplateStore:
         return builtins.list(found.values())
 
     def remove(self, name: str, owner: str | None = None) -> TemplateInfo:
-        """Forget NAME; delete its directory once no name (of any owner) uses it."""
+        """Forget NAME; delete its directory once no name (of any owner) and no running
+        sandbox uses it (a layer in use is collected by a later `collect`)."""
         info = self.get(name, owner)
         with self._lock:
             self._db.execute("DELETE FROM templates WHERE owner=? AND name=?",
                              (owner or "", name))
+        self.collect({d for d in (info.hash, info.layer) if d})
+        return info
+
+    def _referenced(self) -> set[str]:
+        with self._lock:
             rows = self._db.execute("SELECT info FROM templates").fetchall()
         used: set[str] = set()
         for (text,) in rows:
             other = TemplateInfo.model_validate_json(text)
             used.update(h for h in (other.hash, other.layer) if h)
-        for digest in {info.hash, info.layer} - used - {None}:
-            assert digest is not None
+        return used
+
+    def collect(self, candidates: set[str] | None = None) -> None:
+        """Delete template dirs no name refers to and no mounted overlay reads from. Without
+        CANDIDATES, every such dir older than GC_AGE (a build renames its dir into place just
+        before it registers the name)."""
+        # A sandbox's lower dirs are <root>/<hash>/layer/<usr|etc|opt|var>.
+        in_use = {Path(d).parents[1].name for d in overlay.lower_dirs_in_use()
+                  if len(Path(d).parents) > 2 and Path(d).parents[2] == self.root}
+        keep = self._referenced() | in_use
+        if candidates is None:
+            candidates = set()
+            for path in self.root.iterdir():
+                if path.name.startswith(".") or path.name == "logs" or not path.is_dir():
+                    continue
+                try:
+                    if time.time() - path.stat().st_mtime > GC_AGE:
+                        candidates.add(path.name)
+                except OSError:
+                    continue
+        for digest in candidates - keep:
             shutil.rmtree(self.dir(digest), ignore_errors=True)
-        return info
 
     def resolve(self, name: str, owner: str | None = None) -> Resolved:
         info = self.get(check_name(name), owner, shared=True)
