@@ -14,8 +14,8 @@ from sealbox import AsyncSandbox, Sandbox, Secret
 from sealbox.engine.spec import ExecResult
 from sealbox.errors import CommandError, ConfigError, NotFoundError
 from sealbox.guest.client import Output
-from sealbox.sdk.async_sandbox import AsyncFiles, AsyncVolume
-from sealbox.sdk.sync_sandbox import Files, Volume
+from sealbox.sdk.async_sandbox import AsyncFiles, AsyncTemplate, AsyncVolume
+from sealbox.sdk.sync_sandbox import Files, Template, Volume
 from support.server import ADMIN_KEY, start_server
 
 
@@ -31,7 +31,7 @@ def public(cls: type) -> dict[str, inspect.Signature]:
 
 
 @pytest.mark.parametrize(("sync", "async_"), [(Sandbox, AsyncSandbox), (Files, AsyncFiles),
-                                              (Volume, AsyncVolume)])
+                                              (Volume, AsyncVolume), (Template, AsyncTemplate)])
 def test_sync_surface_matches_async(sync: type, async_: type) -> None:
     s, a = public(sync), public(async_)
     a = {k.replace("__aenter__", "__enter__").replace("__aexit__", "__exit__"): v
