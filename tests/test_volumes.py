@@ -58,14 +58,14 @@ async def test_data_outlives_its_sandbox_and_next_one_can_write(engine: Engine, 
     assert (code, out) == (0, "one\n")
     assert engine.volumes.get("keep").used_by == [first.id]
     await engine.kill(first.id)
-    assert mounted(data_dir) == [] and sysvol.leaked_loops() == []
+    assert mounted(data_dir) == [] and sysvol.leaked_loops(data_dir) == []
     # A different sandbox (on the namespace tier: a different host uid) reads and writes it.
     second = await engine.create(SandboxSpec(runtime=runtime, volumes=[mount("keep", "/x/y")]))
     code, out = await sh(engine, second.id, "cat /x/y/d/f && echo two >> /x/y/d/f && "
                                             "touch /x/y/d/new && cat /x/y/d/f")
     assert (code, out) == (0, "one\none\ntwo\n"), out
     await engine.kill(second.id)
-    assert mounted(data_dir) == [] and sysvol.leaked_loops() == []
+    assert mounted(data_dir) == [] and sysvol.leaked_loops(data_dir) == []
     assert not mount_root(data_dir, RUN_ROOT).exists()  # no empty mount points left in /run
 
 
@@ -223,7 +223,7 @@ def test_cli_volumes_embedded(tmp_path: Path) -> None:
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = sealbox("volume", "rm", "cache", env=env)
     assert r.returncode == 0, r.stderr
-    assert mounted(tmp_path / "data") == [] and sysvol.leaked_loops() == []
+    assert mounted(tmp_path / "data") == [] and sysvol.leaked_loops(tmp_path / "data") == []
 
 
 # ----- API: tenants, errors, a server that dies --------------------------------------------------
@@ -283,7 +283,7 @@ def test_api_volumes_belong_to_their_tenant(server: Server, tmp_path: Path) -> N
         assert r.status_code == 400 and "/proc" in r.json()["error"]["message"]
         assert alice.delete(f"/v1/sandboxes/{sid}").status_code == 200
         assert alice.delete("/v1/volumes/cache").status_code == 200
-        assert mounted(tmp_path / "data") == [] and sysvol.leaked_loops() == []
+        assert mounted(tmp_path / "data") == [] and sysvol.leaked_loops(tmp_path / "data") == []
     finally:
         alice.close()
         bob.close()
@@ -305,7 +305,7 @@ def test_server_sigkill_leaves_no_mount_after_restart(tmp_path: Path) -> None:
     server.proc.wait()
     restarted = start_server(data)
     try:
-        assert mounted(data) == [] and sysvol.leaked_loops() == []
+        assert mounted(data) == [] and sysvol.leaked_loops(data) == []
         with httpx.Client(base_url=restarted.url, timeout=90, headers=auth) as c:
             assert c.get(f"/v1/sandboxes/{sid}").json()["state"] == "killed"
             assert c.get("/v1/volumes/v").json()["used_by"] == []
@@ -317,7 +317,7 @@ def test_server_sigkill_leaves_no_mount_after_restart(tmp_path: Path) -> None:
             c.delete(f"/v1/sandboxes/{r.json()['id']}")
     finally:
         assert restarted.stop()
-    assert mounted(data) == [] and sysvol.leaked_loops() == []
+    assert mounted(data) == [] and sysvol.leaked_loops(data) == []
 
 
 # ----- SDK ---------------------------------------------------------------------------------------
@@ -349,4 +349,4 @@ async def test_damaged_volume_fails_create_cleanly(engine: Engine, data_dir: Pat
     with pytest.raises(ConfigError, match="cannot mount volume"):
         await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("broken")]))
     assert [i.state for i in engine.list(include_ended=True)] == [SandboxState.failed]
-    assert mounted(data_dir) == [] and sysvol.leaked_loops() == []
+    assert mounted(data_dir) == [] and sysvol.leaked_loops(data_dir) == []

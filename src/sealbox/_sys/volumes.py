@@ -83,12 +83,15 @@ def chown_tree(root: Path, uid: int, gid: int) -> None:
             os.lchown(os.path.join(dirpath, name), uid, gid)
 
 
-def leaked_loops() -> list[str]:
-    """Loop devices backed by a sealbox volume image (for leak checks)."""
+def leaked_loops(under: Path | None = None) -> list[str]:
+    """Loop devices backed by a sealbox volume image (for leak checks), optionally only those
+    whose image is below UNDER."""
     r = subprocess.run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"],
                        capture_output=True, text=True)
     if r.returncode != 0 or not r.stdout.strip():
         return []
     devices = json.loads(r.stdout).get("loopdevices", [])
+    prefix = str(under).rstrip("/") + "/" if under is not None else ""
     return sorted(d["name"] for d in devices
-                  if (d.get("back-file") or "").split(" (deleted)")[0].endswith(IMAGE_NAME))
+                  if (back := (d.get("back-file") or "").split(" (deleted)")[0])
+                  .endswith(IMAGE_NAME) and back.startswith(prefix))
