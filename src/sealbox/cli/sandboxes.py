@@ -69,8 +69,10 @@ def ls(all_: Annotated[bool, typer.Option("--all", help="include ended sandboxes
         table = Table("ID", "STATE", "RUNTIME", "CREATED", "EXPIRES", "NOTE", box=None)
         for i in infos:
             table.add_row(i.id, i.state.value, i.runtime, i.created_at.strftime("%H:%M:%S"),
+                          "(paused)" if i.state.value == "paused" else
                           i.expires_at.strftime("%H:%M:%S") if i.expires_at else "-",
-                          i.end_reason or "")
+                          i.end_reason or (i.resume_note if i.state.value == "paused" else None)
+                          or "")
         console.print(table)
 
     run_async(main)
