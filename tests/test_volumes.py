@@ -177,6 +177,8 @@ async def test_bad_volume_input_is_a_clear_error(engine: Engine, data_dir: Path)
                        ("ok", "-5")]:
         with pytest.raises(ValueError):
             VolumeCreate.model_validate({"name": name, "size": size})
+    with pytest.raises(ConfigError, match="free on this host"):
+        engine.volumes.create(VolumeCreate(name="huge", size="15TiB"))
     engine.volumes.create(VolumeCreate(name="dup", size="16MiB"))
     with pytest.raises(ConflictError, match="already exists"):
         engine.volumes.create(VolumeCreate(name="dup", size="16MiB"))

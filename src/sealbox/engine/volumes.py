@@ -144,6 +144,11 @@ class Volumes:
             vdir = self._dir(tenant, req.name)
             if vdir.exists():
                 raise ConflictError(f"volume {req.name!r} already exists")
+            free = shutil.disk_usage(self.root).free
+            if req.size > free:
+                # Images are sparse, so this is no reservation; it refuses the impossible.
+                raise ConfigError(f"volume {req.name!r}: {format_size(req.size)} is more than "
+                                  f"the {format_size(free)} free on this host's data disk")
             vdir.mkdir(parents=True, mode=0o700)
             try:
                 sysvol.make_image(vdir / sysvol.IMAGE_NAME, req.size)
