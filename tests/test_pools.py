@@ -27,6 +27,7 @@ from sealbox.engine.engine import Engine, netns_name
 from sealbox.engine.pools import POOL_LABEL, PoolConfig, PoolStatus
 from sealbox.engine.spec import ExecRequest, SandboxSpec
 from sealbox.engine.templates import TemplateFile, TemplateSpec
+from sealbox.runtimes import registry
 from sealbox.errors import CapacityError, ConfigError, SandboxError
 from support import upstream as fake_upstream
 from support.server import ADMIN_KEY, start_server
@@ -156,6 +157,27 @@ async def test_template_pool_matches_what_the_claimant_means(engine: Engine,
         assert await sh(engine, newest.id, "cat /opt/who.txt") == (0, "operator v2\n")
     finally:
         await engine.kill(newest.id)
+
+
+@pytest.mark.parametrize("tier", ["gvisor", "microvm"])
+async def test_claim_on_the_other_tiers(engine: Engine, tier: str) -> None:
+    probe = registry.probes()[tier]
+    if not probe.ok:
+        pytest.skip(f"{tier} does not work here: {probe.detail}")
+    await engine.pools.set(PoolConfig(runtime=tier, size=1))
+    await wait_ready(engine, f"base/{tier}", 1)
+    info = await engine.create(SandboxSpec(
+        runtime=tier, env={"WHO": tier},
+        secrets={"KEY": SecretSpec(value="tier-secret-value", hosts=["a.test"])}))
+    try:
+        assert was_pooled(engine, info.id) and info.runtime == tier
+        placeholder = info.secrets["KEY"].placeholder
+        assert await sh(engine, info.id, "echo $WHO $KEY") == (0, f"{tier} {placeholder}\n")
+        code, out = await sh(engine, info.id, "test ! -e /tmp/marker && touch /tmp/marker")
+        assert code == 0, out
+    finally:
+        await engine.kill(info.id)
+    assert gone(info.id) == []
 
 
 @pytest.fixture

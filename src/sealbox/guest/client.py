@@ -133,6 +133,11 @@ class GuestClient:
                 last = str(exc) or type(exc).__name__
                 if client is not None:
                     await client.close()
+            except BaseException:
+                # Cancelled (a warm-pool boot stopped): close what was opened, without awaiting.
+                if client is not None:
+                    client.abort()
+                raise
             if loop.time() >= deadline:
                 raise SandboxError(f"the guest agent at {os.fspath(path)} did not answer within "
                                    f"{timeout:g}s ({last})")
@@ -146,6 +151,13 @@ class GuestClient:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def abort(self) -> None:
+        """Close at once, without waiting (for a caller that is being cancelled)."""
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+        self._reading.cancel()
 
     async def close(self) -> None:
         if not self._closed:

@@ -471,12 +471,22 @@ class MicrovmSandbox:
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 await asyncio.sleep(0.05)
-        if self._identity is not None:
-            ident = self._identity
-            await microvm_snapshot.hand_identity(reader, writer, microvm_snapshot.identity_message(
-                ident.settings, ident.env, ident.files))
-        client = await GuestClient.from_streams(reader, writer)
-        await client.ping()
+        client: GuestClient | None = None
+        try:
+            if self._identity is not None:
+                ident = self._identity
+                await microvm_snapshot.hand_identity(
+                    reader, writer, microvm_snapshot.identity_message(
+                        ident.settings, ident.env, ident.files))
+            client = await GuestClient.from_streams(reader, writer)
+            await client.ping()
+        except BaseException:
+            # Failed or cancelled (a warm-pool boot stopped): leave no open channel behind.
+            if client is not None:
+                client.abort()
+            else:
+                writer.close()
+            raise
         return client
 
     def limit_events(self) -> dict[str, int]:
