@@ -349,6 +349,9 @@ async def test_bad_specs_at_build(tengine: Engine, tmp_path: Path) -> None:
     assert not list(tengine.templates.root.glob(".build-*"))
     with pytest.raises(NotFoundError, match="no template"):
         await tengine.create(SandboxSpec(runtime="namespace", template="broken"))
+    with pytest.raises(ConfigError, match="workdir /srv/app does not exist"):
+        await tengine.build_template(TemplateSpec(name="nowd", workdir="/srv/app"))
+    assert not tengine.templates.exists("nowd")
 
 
 async def test_build_egress_is_limited(tengine: Engine, packages: PackageServer) -> None:
@@ -568,9 +571,16 @@ def test_remote_sdk_and_cli(tmp_path: Path) -> None:
             out = subprocess.run([*cli, "snapshot", sb.id, "Bad/Name"], env=env,
                                  capture_output=True, text=True, timeout=120)
             assert out.returncode == 2 and "invalid" in out.stderr
+        out = subprocess.run([*cli, "template", "build", "cli-remote", "--file",
+                              f"{src}:/opt/from-cli", "--run", "cat /opt/from-cli"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "template cli-remote" in out.stdout, out.stderr
+        out = subprocess.run([*cli, "template", "logs", "cli-remote"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert "inline file" in out.stdout  # the client's file reached the server's build
         out = subprocess.run([*cli, "template", "ls"], env=env, capture_output=True, text=True,
                              timeout=120)
-        assert {"remote", "remote-snap", "cli-snap"} <= set(out.stdout.split())
+        assert {"remote", "remote-snap", "cli-snap", "cli-remote"} <= set(out.stdout.split())
         with Sandbox.create(runtime="namespace", template="cli-snap", url=server.url,
                             api_key=ADMIN_KEY) as sb2:
             assert sb2.files.read("/workspace/mine") == b"mine"

@@ -243,6 +243,10 @@ async def _sandboxed(engine: Engine, sandbox_id: str, spec: TemplateSpec, owner:
                 raise CommandError(
                     f"template build failed at step {title!r} (exit code {code}); "
                     f"log tail:\n{log.tail()}", step=title, exit_code=code)
+        if spec.workdir and await _run_step(guest, ["test", "-d", spec.workdir], "/", log):
+            # Every command of every sandbox from it would fail to start otherwise.
+            raise ConfigError(f"workdir {spec.workdir} does not exist after the build: create "
+                              "it in a run step or put a file under it")
         report({"type": "step", "index": total, "total": total, "title": "save workspace"})
         log.write(b"==> save workspace\n")
         if (await guest.list_dir("/workspace")):
