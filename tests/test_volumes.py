@@ -352,3 +352,23 @@ async def test_damaged_volume_fails_create_cleanly(engine: Engine, data_dir: Pat
         await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("broken")]))
     assert [i.state for i in engine.list(include_ended=True)] == [SandboxState.failed]
     assert mounted(data_dir) == [] and sysvol.leaked_loops(data_dir) == []
+
+
+def test_cli_volumes_against_a_server(server: Server, tmp_path: Path) -> None:
+    env = {"SEALBOX_URL": server.url, "SEALBOX_API_KEY": ADMIN_KEY}
+    assert sealbox("volume", "create", "srv", "--size", "16MiB", env=env).returncode == 0
+    r = sealbox("create", "--runtime", "namespace", "--volume", "srv:/srv/data", env=env)
+    assert r.returncode == 0, r.stderr
+    sid = r.stdout.split()[-1]
+    r = sealbox("exec", sid, "--", "sh", "-c", "echo hi > /srv/data/f && cat /srv/data/f",
+                env=env)
+    assert (r.returncode, r.stdout) == (0, "hi\n"), r.stderr
+    r = sealbox("volume", "ls", env=env)
+    assert "srv" in r.stdout and sid in r.stdout
+    r = sealbox("volume", "rm", "srv", env=env)
+    assert r.returncode == 1 and "in use by sandbox" in r.stderr and "Traceback" not in r.stderr
+    r = sealbox("create", "--runtime", "namespace", "--volume", "srv:/x", env=env)
+    assert r.returncode == 1 and "one writer at a time" in r.stderr, r.stderr
+    assert sealbox("kill", sid, env=env).returncode == 0
+    assert sealbox("volume", "rm", "srv", env=env).returncode == 0
+    assert mounted(tmp_path / "data") == [] and sysvol.leaked_loops(tmp_path / "data") == []
