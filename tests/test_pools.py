@@ -105,6 +105,37 @@ async def test_pool_never_hands_out_a_used_sandbox(engine: Engine) -> None:
     await engine.kill(info.id)
 
 
+async def test_concurrent_claims_never_share_a_member(engine: Engine) -> None:
+    await engine.pools.set(PoolConfig(runtime="namespace", size=3))
+    await wait_ready(engine, "base/namespace", 3)
+    infos = await asyncio.gather(*(engine.create(SandboxSpec(runtime="namespace"))
+                                   for _ in range(6)))
+    try:
+        ids = [i.id for i in infos]
+        assert len(set(ids)) == 6
+        assert sum(was_pooled(engine, i) for i in ids) == 3
+    finally:
+        await asyncio.gather(*(engine.kill(i.id) for i in infos))
+
+
+async def test_pool_limits_are_part_of_the_match(engine: Engine) -> None:
+    await engine.pools.set(PoolConfig(runtime="namespace", size=1))
+    await wait_ready(engine, "base/namespace", 1)
+    (first,) = [i.id for i in engine.list() if i.metadata.get(POOL_LABEL)]
+    status = await engine.pools.set(PoolConfig(runtime="namespace", size=1, memory="256MiB"))
+    assert status.memory == 256 * 2**20
+    await wait_ready(engine, "base/namespace", 1)
+    assert gone(first) == []  # members with the old limits were replaced
+    plain = await engine.create(SandboxSpec(runtime="namespace"))
+    small = await engine.create(SandboxSpec(runtime="namespace", memory="256MiB"))
+    try:
+        assert not was_pooled(engine, plain.id) and was_pooled(engine, small.id)
+        assert small.memory == 256 * 2**20
+    finally:
+        await engine.kill(plain.id)
+        await engine.kill(small.id)
+
+
 async def test_killed_idle_member_is_replaced_and_never_claimed(engine: Engine) -> None:
     await engine.pools.set(PoolConfig(runtime="namespace", size=1))
     await wait_ready(engine, "base/namespace", 1)
