@@ -830,3 +830,45 @@ def test_rest_routes_match_openapi_and_tenants(tmp_path: Path) -> None:
             api.close()
     finally:
         assert server.stop()
+
+
+def test_server_shutdown_during_a_build_leaves_nothing(tmp_path: Path) -> None:
+    import time
+
+    import httpx
+    from support.server import ADMIN_KEY, start_server
+
+    data = tmp_path / "data"
+    data.mkdir()
+    server = start_server(data)
+    lines: list[str] = []
+
+    def build() -> None:
+        try:
+            with httpx.stream("POST", f"{server.url}/v1/templates", timeout=120,
+                              headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                              json={"name": "long", "run": ["touch /opt/x", "sleep 600"]}) as r:
+                lines.extend(r.iter_lines())
+        except httpx.HTTPError as exc:
+            lines.append(f"transport: {exc}")
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = list((data / "templates" / "logs").glob("*.log"))
+        if logs and "==> run sleep 600" in logs[0].read_text():
+            break
+        time.sleep(0.2)
+    build_dirs = list((data / "templates").glob(".build-*"))
+    assert len(build_dirs) == 1 and _overlay_mounts()
+    assert server.stop(), server.log.read_text()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert not any('"type": "done"' in line for line in lines)
+    assert any('"type": "error"' in line and "shut down" in line for line in lines), lines
+    assert not list((data / "templates").glob(".build-*"))
+    sandbox_id = build_dirs[0].name.removeprefix(".build-")
+    assert not [m for m in _overlay_mounts() if sandbox_id in m]
+    assert not (Path("/run/sealbox") / sandbox_id).exists()
+    assert not Path(f"/run/netns/sealbox-{sandbox_id}").exists()

@@ -46,6 +46,10 @@ async def _build_events(engine: Engine, spec: TemplateSpec, owner: str | None
             queue.put_nowait({"type": "done", "template": info.model_dump(mode="json")})
         except SealboxError as exc:
             queue.put_nowait({"type": "error", **exc.to_dict()})
+        except asyncio.CancelledError:
+            queue.put_nowait({"type": "error", "code": "server_error",
+                              "message": "the server shut down during the build"})
+            raise
         except Exception:  # the server's insides stay out of the stream
             queue.put_nowait({"type": "error", "code": "internal",
                               "message": "template build failed: internal error"})

@@ -53,6 +53,7 @@ class _Server(uvicorn.Server):
         # terminals at once instead of cutting them off after the grace period, and it
         # happens even on a forced exit, when uvicorn skips the lifespan shutdown.
         await self._engine.pools.stop()  # no refill may boot while we kill
+        await self._engine.cancel_builds()  # their streams end with an error event
         results = await asyncio.gather(
             *(self._engine.kill(info.id, reason="server shut down") for info in self._engine.list()),
             return_exceptions=True,

@@ -140,12 +140,14 @@ class Engine:
         ))
         self._live: dict[str, _Live] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._builds: set[asyncio.Task[Any]] = set()
         self._started = False
         self._booting = 0
         self.pools = Pools(self)
         self.volumes = Volumes(self.config.data_dir, self.config.run_root, self.store)
         self.templates = TemplateStore(self.config.data_dir)
         self.paused = PausedState(self.config.data_dir)
+        self._resuming: set[str] = set()
 
     async def start(self) -> None:
         if self._started:
@@ -160,6 +162,7 @@ class Engine:
         """Kill every sandbox this engine runs. Nothing of them survives, except that a paused
         sandbox's saved state stays so the next engine can resume it (its processes end)."""
         await self.pools.stop()  # first: no refill may boot a sandbox while we kill them
+        await self.cancel_builds()
         await asyncio.gather(*(
             self._suspend(live) if live.info.state == SandboxState.paused
             and self.paused.exists(sandbox_id) else self.kill(sandbox_id, reason="engine shut down")
@@ -225,6 +228,7 @@ class Engine:
                 raise ConfigError("volumes are not supported on the microvm tier yet: use "
                                   "--runtime namespace or gvisor")
             await asyncio.to_thread(self.volumes.check, spec.volumes, owner)
+        self.gateway.check_policy(list(spec.allow_net))  # bad input must not cost a member
         # A warm pool member if one matches (claiming takes milliseconds), else a cold boot.
         # Volumes are bind-mounted at boot, so a sandbox with volumes never comes from a pool.
         live = None if spec.volumes else self.pools.take(spec, runtime.name, owner)
@@ -444,7 +448,13 @@ class Engine:
         if live is None:
             info = self.get(sandbox_id, owner)
             if info.state == SandboxState.paused and self._dormant(sandbox_id):
-                return await self._resume_dormant(info)
+                if sandbox_id in self._resuming:
+                    raise SandboxError(f"sandbox {sandbox_id} is being resumed already")
+                self._resuming.add(sandbox_id)
+                try:
+                    return await self._resume_dormant(info)
+                finally:
+                    self._resuming.discard(sandbox_id)
             raise SandboxError(f"sandbox {sandbox_id} is not paused (it is {info.state.value})")
         async with live.lock:
             info = live.info
@@ -557,7 +567,21 @@ class Engine:
 
     async def build_template(self, spec: TemplateSpec, owner: str | None = None,
                              progress: template_build.Progress | None = None) -> TemplateInfo:
-        return await template_build.build(self, spec, owner, progress)
+        task = asyncio.current_task()
+        if task is not None:
+            self._builds.add(task)  # close() cancels it: the build sandbox is not in _live
+        try:
+            return await template_build.build(self, spec, owner, progress)
+        finally:
+            self._builds.discard(task)
+
+    async def cancel_builds(self) -> None:
+        """Stop every template build of this engine; each removes all it made."""
+        builds = list(self._builds)
+        for task in builds:
+            task.cancel()
+        # Each build removes its sandbox, mounts and scratch dir as it unwinds.
+        await asyncio.gather(*builds, return_exceptions=True)
 
     def resolve_template(self, name: str, owner: str | None = None) -> Resolved:
         """What a sandbox from NAME gets (layer, workspace, env, workdir); NotFoundError."""
