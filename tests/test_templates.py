@@ -552,13 +552,12 @@ def test_remote_sdk_and_cli(tmp_path: Path) -> None:
             sb.files.write("/workspace/mine", b"mine")
             snap = sb.snapshot("remote-snap")
             assert snap.parent == "remote"
-            child = sb.fork()
-            try:
+            with sb.fork() as child:  # closing the fork leaves the parent's connection open
                 assert child.files.read("/workspace/mine") == b"mine"
+                assert child.exec("cat /opt/hello.txt").stdout == "inline file\n"
                 child.files.write("/workspace/child-only", b"c")
                 assert not sb.files.exists("/workspace/child-only")
-            finally:
-                child.kill()
+            assert sb.exec("true").exit_code == 0
             # CLI against the server: snapshot and fork print what they made.
             out = subprocess.run([*cli, "snapshot", sb.id, "cli-snap"], env=env,
                                  capture_output=True, text=True, timeout=120)

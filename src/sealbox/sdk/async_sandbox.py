@@ -148,9 +148,11 @@ class AsyncSandbox:
     """A running sandbox. Create with `await AsyncSandbox.create(...)`; use as a context manager
     so it is killed when the block ends."""
 
-    def __init__(self, info: SandboxInfo, backend: Backend) -> None:
+    def __init__(self, info: SandboxInfo, backend: Backend, owns_backend: bool = True) -> None:
         self.info = info
         self._backend = backend
+        self._owns_backend = owns_backend
+        """False for a fork: it shares its parent's connection, which outlives it."""
         self.files = AsyncFiles(self)
 
     @property
@@ -273,14 +275,16 @@ class AsyncSandbox:
 
     async def disconnect(self) -> None:
         """Release the connection to the backend; the sandbox keeps running."""
-        await self._backend.close()
+        if self._owns_backend:
+            await self._backend.close()
 
     async def close(self) -> None:
         """Kill the sandbox and release the connection to its backend."""
         try:
             await self.kill()
         finally:
-            await self._backend.close()
+            if self._owns_backend:
+                await self._backend.close()
 
     async def snapshot(self, name: str) -> TemplateInfo:
         """Save /workspace as template NAME (filesystem only; the parent template's layer is
@@ -290,7 +294,7 @@ class AsyncSandbox:
     async def fork(self) -> AsyncSandbox:
         """A new sandbox with a copy of this one's /workspace and the same template, policy,
         limits and secrets. Kill it separately."""
-        return AsyncSandbox(await self._backend.fork(self.id), self._backend)
+        return AsyncSandbox(await self._backend.fork(self.id), self._backend, owns_backend=False)
 
     async def __aenter__(self) -> AsyncSandbox:
         return self
