@@ -97,6 +97,11 @@ async def test_read_only_mounts_cannot_write_and_can_share(engine: Engine, runti
     for r in readers:
         code, out = await sh(engine, r.id, "cat /data/f; echo x > /data/g")
         assert code != 0 and out.startswith("data\n") and "Read-only file system" in out, out
+        # Nor can the sandbox make it writable: no capabilities, no new user namespace.
+        code, out = await sh(engine, r.id, "mount -o remount,rw /data; "
+                                           "unshare -rm sh -c 'mount -o remount,rw /data'; "
+                                           "echo x > /data/g")
+        assert code != 0 and "Read-only file system" in out, out
     assert sorted(engine.volumes.get("ro").used_by) == sorted(r.id for r in readers)
     # A writer is refused while readers use it.
     with pytest.raises(ConflictError, match="read-only by sandbox"):
