@@ -112,7 +112,7 @@ class TemplateSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(description=f"template name ({NAME_PATTERN})")
     base: Literal["host", "debian"] = Field(
         default="host", description="host = the host's system dirs (debian: not yet supported)")
     apt: list[str] = Field(default_factory=list)
@@ -144,6 +144,14 @@ class TemplateSpec(BaseModel):
         if size < 64 * 1024**2:
             raise ValueError("must be at least 64MiB")
         return size
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return check_name(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("apt")
     @classmethod
