@@ -301,7 +301,10 @@ async def test_microvm_refuses_layers_but_takes_workspace_snapshots(tengine: Eng
     probe = __import__("sealbox.runtimes.registry", fromlist=["get"]).get("microvm").probe()
     if not probe.ok:
         pytest.skip(probe.detail)
-    # A snapshot of a sandbox without a template has no layer: every tier can start from it.
+    # A template that only fills /workspace has no layer: every tier can start from it.
+    ws = await tengine.build_template(TemplateSpec(name="ws-only", run=["echo w > /workspace/w"]))
+    assert ws.layer is None
+    # Neither has a snapshot of a sandbox without a template.
     sb = await tengine.create(SandboxSpec(runtime="namespace"))
     try:
         await sh(tengine, sb.id, "echo to-the-vm > /workspace/v")
@@ -312,6 +315,12 @@ async def test_microvm_refuses_layers_but_takes_workspace_snapshots(tengine: Eng
     try:
         _, out = await sh(tengine, vm.id, "cat /workspace/v")
         assert out.strip() == "to-the-vm"
+    finally:
+        await tengine.kill(vm.id)
+    vm = await tengine.create(SandboxSpec(runtime="microvm", template="ws-only"))
+    try:
+        _, out = await sh(tengine, vm.id, "cat /workspace/w")
+        assert out.strip() == "w"
     finally:
         await tengine.kill(vm.id)
 

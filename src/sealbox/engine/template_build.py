@@ -141,13 +141,16 @@ async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
         out.mkdir()
         scratch = build_dir / "scratch"
         await asyncio.to_thread(finalize, scratch / "upper")
-        await asyncio.to_thread(_copy_tree, scratch / "upper", out / "layer")
+        has_layer = await asyncio.to_thread(_changed, scratch / "upper")
+        if has_layer:
+            await asyncio.to_thread(_copy_tree, scratch / "upper", out / "layer")
         await asyncio.to_thread(volumes_sys.umount, scratch)
         if tar.is_file():
             tar.rename(out / "workspace.tar")
         log.close()
         shutil.copyfile(store.log_path(spec.name, owner), out / "build.log")
-        info = new_info(name=spec.name, hash=digest, layer=digest, env=dict(spec.env),
+        info = new_info(name=spec.name, hash=digest, layer=digest if has_layer else None,
+                        env=dict(spec.env),
                         workdir=spec.workdir, start=spec.start, owner=owner,
                         size=await asyncio.to_thread(dir_size, out), spec=_public(spec))
         (out / "template.json").write_text(info.model_dump_json(indent=2))
@@ -163,6 +166,12 @@ async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
     finally:
         log.close()
         await asyncio.to_thread(_remove_build_dir, build_dir)
+
+
+def _changed(upper: Path) -> bool:
+    """Whether a finalized upper dir holds anything but the empty var/tmp every layer gets."""
+    empty = {upper / "var", upper / "var" / "tmp"}
+    return any(p not in empty for p in upper.rglob("*"))
 
 
 def _copy_tree(src: Path, dest: Path) -> None:

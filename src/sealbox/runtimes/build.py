@@ -16,6 +16,7 @@ sockets or set-id bits, no file capabilities, everything owned by root.
 from __future__ import annotations
 
 import asyncio
+import filecmp
 import os
 import shutil
 import stat
@@ -85,6 +86,9 @@ def finalize(upper: Path) -> None:
             path = os.path.join(base, name)
             st = os.lstat(path)
             mode = st.st_mode
+            if stat.S_ISREG(mode) and _unchanged_copy(upper, path):
+                os.unlink(path)  # a state file or lock copied up for the build, never changed
+                continue
             if stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode) or _is_whiteout(st):
                 if stat.S_ISREG(mode) and mode & (stat.S_ISUID | stat.S_ISGID):
                     os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
@@ -107,6 +111,17 @@ def finalize(upper: Path) -> None:
     os.chmod(upper, 0o755)
     (upper / "var" / "tmp").mkdir(parents=True, exist_ok=True)
     os.chmod(upper / "var", 0o755)
+
+
+def _unchanged_copy(upper: Path, path: str) -> bool:
+    rel = os.path.relpath(path, upper)
+    if rel not in LOCKS and os.path.dirname(rel) not in COPIED:
+        return False
+    host = Path("/", rel)
+    try:
+        return host.is_file() and filecmp.cmp(host, path, shallow=False)
+    except OSError:
+        return False
 
 
 def _opaque(path: str) -> bool:
