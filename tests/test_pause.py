@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sealbox import Sandbox
+from sealbox import AsyncSandbox, Sandbox
 from sealbox._sys import cgroups, netns
 from sealbox.engine.config import EngineConfig
 from sealbox.engine.engine import Engine, netns_name
@@ -282,3 +282,21 @@ async def test_microvm_counter_does_not_advance_while_paused(engine: Engine,
     assert later > after
     await engine.kill(info.id)
     assert gone(info.id) == []
+
+
+async def test_async_sdk_pause_and_resume_by_id(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "data")
+    opts = {"url": server.url, "api_key": ADMIN_KEY}
+    try:
+        async with await AsyncSandbox.create(runtime="namespace", timeout=60, **opts) as sb:
+            await sb.exec("echo kept > /workspace/f")
+            info = await sb.pause()
+            assert info.state == SandboxState.paused and info.paused_at is not None
+            again = await AsyncSandbox.resume(sb.id, **opts)
+            try:
+                assert again.info.state == SandboxState.running
+                assert (await again.exec("cat /workspace/f")).stdout == "kept\n"
+            finally:
+                await again.disconnect()
+    finally:
+        assert server.stop()
