@@ -182,7 +182,10 @@ def _copy_tree(src: Path, dest: Path) -> None:
 
 
 def _remove_build_dir(build_dir: Path) -> None:
-    overlay.unmount_all(build_dir)  # the scratch filesystem, if still mounted
+    scratch = build_dir / "scratch"
+    if volumes_sys.is_mounted(scratch):
+        volumes_sys.umount(scratch)  # a plain unmount first: the loop device goes with it
+    overlay.unmount_all(build_dir)
     shutil.rmtree(build_dir, ignore_errors=True)
 
 
