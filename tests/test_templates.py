@@ -594,6 +594,15 @@ def test_remote_sdk_and_cli(tmp_path: Path) -> None:
         with Sandbox.create(runtime="namespace", template="cli-snap", url=server.url,
                             api_key=ADMIN_KEY) as sb2:
             assert sb2.files.read("/workspace/mine") == b"mine"
+        out = subprocess.run([*cli, "create", "--runtime", "namespace", "--template", "cli-snap"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        created = out.stdout.split()[-1]
+        out = subprocess.run([*cli, "exec", created, "--", "cat", "/workspace/mine"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert (out.returncode, out.stdout) == (0, "mine")
+        subprocess.run([*cli, "kill", created], env=env, check=True, capture_output=True,
+                       timeout=120)
         out = subprocess.run([*cli, "template", "rm", "nope"], env=env, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 1 and "no template 'nope'" in out.stderr
