@@ -306,6 +306,14 @@ async def test_pool_bad_input(engine: Engine) -> None:
     with pytest.raises(ConfigError, match="unknown template"):
         await engine.pools.set(PoolConfig(template="no-such-template", size=1))
     assert engine.pools.list() == []
+    # A bad request is refused before it could take (and lose) a member.
+    await engine.pools.set(PoolConfig(runtime="namespace", size=1))
+    await wait_ready(engine, "base/namespace", 1)
+    (member,) = [i.id for i in engine.list() if i.metadata.get(POOL_LABEL)]
+    with pytest.raises(ConfigError):
+        await engine.create(SandboxSpec(runtime="namespace", allow_net=["*.com"]))
+    assert engine.get(member).metadata.get(POOL_LABEL) == "base/namespace"
+    assert engine.pools.list()[0].ready == 1
 
 
 def sealbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

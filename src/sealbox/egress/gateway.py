@@ -140,6 +140,10 @@ class Gateway:
         return {"/etc/resolv.conf": resolv, SANDBOX_BUNDLE: bundle,
                 "/run/sealbox/ca.pem": ca_pem}
 
+    def check_policy(self, allow_net: list[str]) -> None:
+        """Raise ConfigError if ALLOW_NET is not a valid allowlist (before anything is used)."""
+        Policy.parse(allow_net, self._restricted())
+
     async def set_policy(self, sandbox_id: str, allow_net: list[str]) -> None:
         """Replace a sandbox's allowlist; its next DNS answer and next request use it."""
         policy = Policy.parse(allow_net, self._restricted())

@@ -254,40 +254,49 @@ class Pools:
     async def _refill(self, pool: _Pool) -> None:
         while True:
             try:
-                current = self._template_hash(pool.config.template, None)
-            except ConfigError as exc:
-                pool.error, current = exc.message, "?"
-            # Dead members, and members of a template since rebuilt or removed, go.
-            stale = [m for m in pool.idle if m.template_hash != current]
-            pool.idle = deque(m for m in pool.idle
-                              if not m.live.ended.is_set() and m.template_hash == current)
-            if stale:
-                await asyncio.gather(*(self._engine._finish(m.live, SandboxState.killed,
-                                                            "pool template changed")
-                                       for m in stale))
-            extra = len(pool.idle) - pool.config.size
-            if extra > 0:
-                await self._kill_idle(pool, extra, reason="pool shrunk")
-            missing = pool.config.size - len(pool.idle)
-            room = missing
-            cap = self._engine.config.max_sandboxes
-            if cap is not None:
-                room = min(room, cap - len(self._engine._live) - self._engine._booting)
-            n = max(0, min(room, REFILL_CONCURRENCY))
-            if n:
-                results = await asyncio.gather(*(self._boot_one(pool) for _ in range(n)),
-                                               return_exceptions=True)
-                failed = [r for r in results if isinstance(r, BaseException)]
-                if failed and not isinstance(failed[0], CapacityError):
-                    pool.error = str(failed[0])
-                    await asyncio.sleep(RETRY_SECONDS)
-                elif not failed:
-                    pool.error = None
-                if not failed:
-                    continue
-            pool.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pool.wake.wait(), CHECK_SECONDS)
+                await self._refill_once(pool)
+            except Exception as exc:  # a refill bug must not stop the pool for good
+                log.exception("pool %s: refill failed", pool.config.key)
+                pool.error = f"refill failed: {exc}"
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def _refill_once(self, pool: _Pool) -> None:
+        """One round: drop dead or outdated members, trim, boot what is missing, or wait."""
+        try:
+            current = self._template_hash(pool.config.template, None)
+        except ConfigError as exc:
+            pool.error, current = exc.message, "?"
+        # Dead members, and members of a template since rebuilt or removed, go.
+        stale = [m for m in pool.idle if m.template_hash != current]
+        pool.idle = deque(m for m in pool.idle
+                          if not m.live.ended.is_set() and m.template_hash == current)
+        if stale:
+            await asyncio.gather(*(self._engine._finish(m.live, SandboxState.killed,
+                                                        "pool template changed")
+                                   for m in stale))
+        extra = len(pool.idle) - pool.config.size
+        if extra > 0:
+            await self._kill_idle(pool, extra, reason="pool shrunk")
+        missing = pool.config.size - len(pool.idle)
+        room = missing
+        cap = self._engine.config.max_sandboxes
+        if cap is not None:
+            room = min(room, cap - len(self._engine._live) - self._engine._booting)
+        n = max(0, min(room, REFILL_CONCURRENCY))
+        if n:
+            results = await asyncio.gather(*(self._boot_one(pool) for _ in range(n)),
+                                           return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed and not isinstance(failed[0], CapacityError):
+                pool.error = str(failed[0])
+                await asyncio.sleep(RETRY_SECONDS)
+            elif not failed:
+                pool.error = None
+            if not failed:
+                return  # straight to the next round
+        pool.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pool.wake.wait(), CHECK_SECONDS)
 
     async def _boot_one(self, pool: _Pool) -> None:
         engine = self._engine
