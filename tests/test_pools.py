@@ -380,6 +380,8 @@ def test_server_pools_cli_api_restart(tmp_path: Path) -> None:
         _wait_http_ready(server.url, auth, 2)
         r = sealbox("pool", "ls", env=env)
         assert r.returncode == 0 and "base/namespace" in r.stdout, r
+        r = sealbox("ls", env={**env, "COLUMNS": "200"})  # the admin sees members, marked
+        assert r.stdout.count("idle warm-pool member (base/namespace)") == 2, r
         # Tenants never see unclaimed members; the admin does.
         assert httpx.get(f"{server.url}/v1/sandboxes", headers=alice).json() == []
         old = [i["id"] for i in httpx.get(f"{server.url}/v1/sandboxes", headers=auth).json()]

@@ -25,6 +25,7 @@ from sealbox.cli.common import (
     sandbox_spec_fields,
     server_url,
 )
+from sealbox.engine.pools import POOL_LABEL
 from sealbox.sdk.async_sandbox import AsyncSandbox, make_spec
 from sealbox.sdk.remote import RemoteBackend
 
@@ -72,7 +73,8 @@ def ls(all_: Annotated[bool, typer.Option("--all", help="include ended sandboxes
                           "(paused)" if i.state.value == "paused" else
                           i.expires_at.strftime("%H:%M:%S") if i.expires_at else "-",
                           i.end_reason or (i.resume_note if i.state.value == "paused" else None)
-                          or "")
+                          or (f"idle warm-pool member ({i.metadata[POOL_LABEL]})"
+                              if POOL_LABEL in i.metadata else ""))
         console.print(table)
 
     run_async(main)
