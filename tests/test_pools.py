@@ -356,6 +356,8 @@ def test_server_pools_cli_api_restart(tmp_path: Path) -> None:
                              "runtime"), (["nope-template", "--size", "1"], "unknown template")):
             r = sealbox("pool", "set", *args, env=env)
             assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r
+        r = sealbox("server", "--max-sandboxes", "0", env=env)
+        assert r.returncode == 2 and "max-sandboxes" in r.stderr, r
         for body in ({"size": -1}, {"size": 1, "runtime": "docker"},
                      {"size": 1, "template": "nope-template"}, {"size": 1, "surprise": 1}):
             resp = documented(schema, httpx.put(f"{server.url}/v1/pools", json=body, headers=auth))
