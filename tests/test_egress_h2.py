@@ -183,6 +183,16 @@ async def test_exfil_on_one_stream_does_not_stop_the_others(echo: Setup) -> None
     assert event["host"] == "other.test" and event["secret"] == "API_KEY"
 
 
+async def test_sequential_streams_reuse_the_upstream_connection(echo: Setup) -> None:
+    echo.to("other.test", 443)
+    async with h2_client(echo) as client:
+        replies = [await get(client, f"/seq/{i}", host="other.test") for i in range(5)]
+    assert [r.status_code for r in replies] == [200] * 5
+    # One TLS connection upstream carried all five requests, one after the other.
+    assert echo.upstream.connections == 1
+    assert [r["target"] for r in echo.upstream.requests] == [f"/seq/{i}" for i in range(5)]
+
+
 async def test_many_streams_on_one_connection(echo: Setup) -> None:
     echo.to("api.test", 443)
     p = ph(echo)

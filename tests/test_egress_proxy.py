@@ -42,8 +42,10 @@ class Upstream:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     plain_port: int = 0
     tls_port: int = 0
+    connections: int = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         conn = h11.Connection(h11.SERVER)
 
         async def event() -> Any:

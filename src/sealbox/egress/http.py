@@ -84,6 +84,40 @@ class _Upstream:
     conn: h11.Connection
 
 
+class UpstreamPool:
+    """Idle upstream connections that sessions of one client connection hand to each other:
+    every HTTP/2 stream is its own `HttpSession`, and without this each would pay a new TCP
+    and TLS handshake upstream."""
+
+    MAX_IDLE = 8
+
+    def __init__(self) -> None:
+        self._idle: list[_Upstream] = []
+
+    def take(self, key: tuple[str, int, bool, str | None]) -> _Upstream | None:
+        for i, up in enumerate(self._idle):
+            if up.key == key:
+                del self._idle[i]
+                if up.stream.reader.at_eof():  # closed by the upstream while idle
+                    up.stream.writer.close()
+                    continue
+                return up
+        return None
+
+    async def put(self, up: _Upstream) -> None:
+        if up.conn.our_state is h11.IDLE and len(self._idle) < self.MAX_IDLE:
+            self._idle.append(up)
+        else:
+            await up.stream.close()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for up in idle:  # all at once first: a cancelled await below must not skip any
+            up.stream.writer.close()
+        for up in idle:
+            await up.stream.close()
+
+
 def split_host_port(value: str, default: int | None) -> tuple[str, int | None]:
     """'host', 'host:port', '[v6]' or '[v6]:port' → (host, port)."""
     if value.startswith("["):
@@ -109,12 +143,14 @@ class HttpSession:
     REFUSAL, if given, answers every request (e.g. the TLS name did not match)."""
 
     def __init__(self, client: Stream, ctx: SandboxContext, dest: Destination | None, *,
-                 on_connect: OnConnect | None = None, refusal: Refusal | None = None) -> None:
+                 on_connect: OnConnect | None = None, refusal: Refusal | None = None,
+                 pool: UpstreamPool | None = None) -> None:
         self.client = client
         self.ctx = ctx
         self.dest = dest
         self.on_connect = on_connect
         self.refusal = refusal
+        self.pool = pool
         self.conn = h11.Connection(h11.SERVER)
         self._up: _Upstream | None = None
         self._fields: dict[str, Any] = {}
@@ -175,6 +211,9 @@ class HttpSession:
             # Garbage from the sandbox: say so if a response can still be sent.
             await self._refuse(Refusal(exc.error_status_hint, "bad-request", str(exc)))
         finally:
+            if self.pool is not None and self._up is not None:
+                up, self._up = self._up, None
+                await self.pool.put(up)
             await self._drop_upstream()
 
     async def _refuse(self, r: Refusal) -> None:
@@ -354,6 +393,10 @@ class HttpSession:
             if self._up.key == key and self._up.conn.our_state is h11.IDLE:
                 return self._up
             await self._drop_upstream()
+        pooled = self.pool.take(key) if self.pool is not None else None
+        if pooled is not None:
+            self._up = pooled
+            return pooled
         if dest.name is not None:
             try:
                 addr, port = await self.ctx.resolver.resolve(dest.name, dest.port,

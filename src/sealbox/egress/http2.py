@@ -5,7 +5,7 @@ stream's request is written as HTTP/1.1 onto an in-memory pipe (`StreamPipe`), a
 session's HTTP/1.1 answer is parsed back into h2 frames. So every request hook — policy,
 Host (here `:authority`) against the destination, substitution, exfil blocking, redaction,
 audit — is one code path for both protocols, and a refusal ends only its own stream. The
-upstream connection is per stream and HTTP/1.1: no h2 upstream, no pooling across streams.
+upstream connections are HTTP/1.1; streams hand idle ones to each other (`UpstreamPool`).
 
 Flow control: a stream's receive window reopens only as its session consumes the body, and
 the connection window covers every stream's window at once, so a stalled stream cannot hold
@@ -27,7 +27,14 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from sealbox.egress.context import SandboxContext
-from sealbox.egress.http import CONNECTION_ERRORS, IDLE_TIMEOUT, Destination, HttpSession, Refusal
+from sealbox.egress.http import (
+    CONNECTION_ERRORS,
+    IDLE_TIMEOUT,
+    Destination,
+    HttpSession,
+    Refusal,
+    UpstreamPool,
+)
 from sealbox.egress.streams import Stream
 
 MAX_STREAMS = 100
@@ -135,6 +142,7 @@ class H2Session:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
         self._window_opened = asyncio.Event()
+        self._upstreams = UpstreamPool()
 
     async def flush(self) -> None:
         async with self._send_lock:  # one writer at a time keeps frames in h2's order
@@ -204,6 +212,7 @@ class H2Session:
             for task in self._tasks.values():
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await self._upstreams.close()
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived) and event.stream_id is not None:
@@ -233,7 +242,8 @@ class H2Session:
     async def _serve_stream(self, pipe: StreamPipe) -> None:
         try:
             pipe.start()
-            await HttpSession(pipe, self.ctx, self.dest, refusal=self.refusal).run()
+            await HttpSession(pipe, self.ctx, self.dest, refusal=self.refusal,
+                              pool=self._upstreams).run()
         except (*CONNECTION_ERRORS, h2.exceptions.ProtocolError) as exc:
             self.ctx.audit.record("connection_error", host=self.dest.host, port=self.dest.port,
                                   reason=type(exc).__name__)
