@@ -153,6 +153,9 @@ def test_paused_sandbox_survives_server_sigkill(tmp_path: Path, runtime: str) ->
         assert paused["state"] == "paused" and paused["paused_at"]
     saved = data / "paused" / sid / "resume.json"
     assert saved.stat().st_mode & 0o777 == 0o600
+    # Encrypted at rest: neither the value nor the secret's name is readable in the file.
+    assert secret_value.encode() not in saved.read_bytes()
+    assert b"TOKEN" not in saved.read_bytes()
     # The host keeps the sandbox's files as one opaque tar: nothing it wrote is unpacked here.
     assert sorted(p.name for p in saved.parent.iterdir()) == ["resume.json", "workspace.tar"]
     server.proc.send_signal(signal.SIGKILL)

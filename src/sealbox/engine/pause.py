@@ -9,8 +9,9 @@ what it takes to boot the sandbox again (spec, secrets). If the owner dies, resu
 sandbox with the same id, policy, limits, volumes and those files, and says that processes were
 not restored.
 
-Layout: ``DATA/paused/ID/`` (0700): ``workspace.tar`` and ``resume.json`` (0600; holds secret
-values and env, like the CA key next to it; removed when the sandbox resumes or ends).
+Layout: ``DATA/paused/ID/`` (0700): ``workspace.tar`` and ``resume.json`` (0600, encrypted
+with the installation key, see `sealing`: it holds secret values and env; removed when the
+sandbox resumes or ends).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sealbox.engine.sealing import seal, unseal
 from sealbox.engine.spec import SandboxInfo, SandboxSpec
 from sealbox.errors import SandboxError
 from sealbox.guest.client import ExitStatus, GuestClient, Output
@@ -39,6 +41,7 @@ LOST_PROCESSES = ("the server restarted while the sandbox was paused: its proces
 
 class PausedState:
     def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
         self.root = data_dir / "paused"
 
     def dir(self, sandbox_id: str) -> Path:
@@ -72,15 +75,17 @@ class PausedState:
             for name, secret in spec.secrets.items():
                 body["secrets"][name]["value"] = secret.value.get_secret_value()
             fd = os.open(d / SPEC_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"spec": body, "remaining": remaining}, f)
+            with os.fdopen(fd, "wb") as f:
+                f.write(seal(self.data_dir, json.dumps(
+                    {"spec": body, "remaining": remaining}).encode()))
         except BaseException:
             self.discard(sandbox_id)
             raise
 
     def load(self, sandbox_id: str) -> tuple[SandboxSpec, float | None]:
         """The sandbox's spec, and the seconds of its timeout that were left at pause."""
-        data: dict[str, Any] = json.loads((self.dir(sandbox_id) / SPEC_NAME).read_text())
+        data: dict[str, Any] = json.loads(
+            unseal(self.data_dir, (self.dir(sandbox_id) / SPEC_NAME).read_bytes()))
         return SandboxSpec.model_validate(data["spec"]), data["remaining"]
 
     async def restore_files(self, guest: GuestClient, sandbox_id: str) -> None:
