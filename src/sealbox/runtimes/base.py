@@ -6,6 +6,10 @@ secrets or users: the engine prepares the network namespace and the files to sho
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -115,6 +119,19 @@ class Launchable(Protocol):
 
 
 L = TypeVar("L", bound=Launchable)
+
+
+async def kill_child(proc: asyncio.subprocess.Process | None) -> None:
+    """SIGKILL PROC and wait for it. `Process.kill` would poll first, and so reap a child that
+    already died (say, its cgroup was killed) before asyncio's watcher does: the watcher then
+    warns "Unknown child process pid" and the exit code is lost. Until asyncio reaps it, the
+    pid is still our child's (a zombie at worst), so a plain kill(2) is safe."""
+    if proc is None:
+        return
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+    await proc.wait()
 
 
 async def launched(sandbox: L) -> L:

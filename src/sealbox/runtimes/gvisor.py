@@ -23,7 +23,7 @@ from sealbox._sys.spawn import enter_netns
 from sealbox.errors import RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
 from sealbox.runtimes import probe_cache, seccomp
-from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, launched
+from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, kill_child, launched
 from sealbox.runtimes.layers import layer_binds, mount_layer, unmount_layer
 from sealbox.runtimes.namespace import (
     SANDBOX_UID,
@@ -287,12 +287,7 @@ class GvisorSandbox:
             p = await asyncio.create_subprocess_exec(
                 *base, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await p.wait()
-        if self.proc is not None and self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
-            await self.proc.wait()
+        await kill_child(self.proc)
         await asyncio.to_thread(unmount_layer, self.spec.run_dir)
 
     async def _runsc(self, *args: str) -> None:

@@ -17,7 +17,6 @@ bug reachable under QEMU's seccomp filter; a host ``workspace`` directory is not
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from sealbox._sys.cgroups import Cgroup
 from sealbox.errors import ConfigError, RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
 from sealbox.runtimes import microvm_snapshot, probe_cache
-from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe, launched
+from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe, kill_child, launched
 from sealbox.runtimes.microvm_image import Assets, sandbox_archive
 from sealbox.runtimes.microvm_snapshot import NULL_NETDEV, Template
 from sealbox.runtimes.namespace import (
@@ -511,13 +510,9 @@ class MicrovmSandbox:
             return
         self._killed = True
         loop = asyncio.get_running_loop()
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+        await kill_child(self.proc)
         if self.cgroup.exists():
             await loop.run_in_executor(None, self.cgroup.kill_all)
-        if self.proc is not None:
-            await self.proc.wait()
         if self._console_task is not None:
             await self._console_task
         await loop.run_in_executor(None, self._teardown)

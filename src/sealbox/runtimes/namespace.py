@@ -20,7 +20,7 @@ from sealbox._sys.cgroups import Cgroup
 from sealbox._sys.spawn import enter_sandbox
 from sealbox.errors import RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
-from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, launched
+from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, kill_child, launched
 from sealbox.runtimes.layers import mount_layer, unmount_layer
 from sealbox.runtimes.seccomp import bpf_program
 
@@ -255,12 +255,7 @@ class NamespaceSandbox:
         loop = asyncio.get_running_loop()
         if self.cgroup.exists():
             await loop.run_in_executor(None, self.cgroup.kill_all)
-        if self.proc is not None and self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
-            await self.proc.wait()
+        await kill_child(self.proc)
         await loop.run_in_executor(None, self.cgroup.remove)
         if self._listener is not None:
             self._listener.close()
