@@ -43,6 +43,8 @@ def leftovers() -> dict[str, list[str]]:
         "veth": netns.host_links("sbx"),
         "cgroups": cgroups.list_names(),
         "run_dirs": sorted(p.name for p in RUN_ROOT.glob("sb*")) if RUN_ROOT.is_dir() else [],
+        "runsc_state": sorted(p.name for p in (RUN_ROOT / "runsc").glob("sb*"))
+        if (RUN_ROOT / "runsc").is_dir() else [],
         "processes": [str(p) for p in sandbox_processes()],
         "volume_mounts": sysvol.mounts_under(RUN_ROOT / "volumes"),
         "loop_devices": sysvol.leaked_loops(),

@@ -10,6 +10,7 @@ in the gVisor Sentry combined with a host-kernel bug reachable from its seccomp-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -110,6 +111,13 @@ class GvisorRuntime:
         # runsc keeps container state under its root until `delete`.
         subprocess.run(["runsc", "--root", str(RUNSC_ROOT), "delete", "--force", sandbox_id],
                        capture_output=True, check=False)
+        remove_state_locks(sandbox_id)
+
+
+def remove_state_locks(sandbox_id: str) -> None:
+    """`runsc delete` leaves its lock file ("ID_sandbox:ID.lock") in the root behind."""
+    for lock in RUNSC_ROOT.glob(f"{sandbox_id}_sandbox*.lock"):
+        lock.unlink(missing_ok=True)
 
 
 def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
@@ -284,10 +292,15 @@ class GvisorSandbox:
         base = _runsc_base(self._platform)
         for args in (["kill", "--all", self.sandbox_id, "KILL"],
                      ["delete", "--force", self.sandbox_id]):
-            p = await asyncio.create_subprocess_exec(
-                *base, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            await p.wait()
+            # From inside the sandbox's network namespace (see _runsc); if that is gone
+            # already, the cgroup kill and remove_leftovers finish the job.
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                p = await asyncio.create_subprocess_exec(
+                    *base, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    preexec_fn=enter_netns(self.spec.netns))
+                await p.wait()
         await kill_child(self.proc)
+        remove_state_locks(self.sandbox_id)
         await asyncio.to_thread(unmount_layer, self.spec.run_dir)
 
     async def _runsc(self, *args: str) -> None:
