@@ -702,3 +702,19 @@ async def test_kernel_identity(make: Any, tier: str) -> None:
     else:
         assert release != host and host not in version
         assert release in version
+
+
+@pytest.mark.parametrize("tier", tiers("host_credentials"))
+async def test_host_credential_files_are_hidden(make: Any, tier: str) -> None:
+    """The host's password hashes, SSH host keys and TLS private keys: not one byte inside,
+    and not even the names of the key files (the namespace and gvisor tiers show the host's
+    /etc read-only, with these masked)."""
+    box = await make(tier)
+    out = await box.ok("for f in /etc/shadow /etc/gshadow /etc/ssh/* /etc/ssl/private/*; do "
+                       "[ -e \"$f\" ] && cat \"$f\" 2>/dev/null; done | wc -c; "
+                       "echo ---; ls -A /etc/ssh /etc/ssl/private 2>/dev/null; true")
+    size, listing = (part.strip() for part in out.split("---"))
+    assert size == "0"
+    assert "key" not in listing, listing
+    # Not vacuous: the host's own shadow file has content (read here as root).
+    assert Path("/etc/shadow").stat().st_size > 0

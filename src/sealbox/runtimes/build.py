@@ -25,10 +25,11 @@ from pathlib import Path
 from sealbox._sys import overlay
 from sealbox.runtimes.base import LaunchSpec, launched
 from sealbox.runtimes.namespace import (
-    _MASKED,
-    _MASKED_DIRS,
+    SYSTEM_DIRS,
     NamespaceSandbox,
     host_uid_for,
+    isolation_args,
+    masking_args,
     sandbox_env,
 )
 
@@ -161,13 +162,9 @@ class BuildSandbox(NamespaceSandbox):
     def _bwrap_args(self, listen_fd: int, seccomp_fd: int) -> list[str]:
         spec = self.spec
         disk = str(spec.limits.disk_bytes) if spec.limits.disk_bytes else None
-        args = [
-            "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session",
-            "--uid", "0", "--gid", "0", "--hostname", spec.hostname, "--clearenv",
-        ]
+        args = isolation_args(0, spec.hostname)
         root = self._root()
-        for top in ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt"):
+        for top in SYSTEM_DIRS:
             p = Path("/") / top
             if p.is_symlink():
                 args += ["--symlink", os.readlink(p), str(p)]
@@ -182,12 +179,7 @@ class BuildSandbox(NamespaceSandbox):
         args += ["--dir", "/var/cache/apt/archives/partial", "--dir", "/var/log"]
         for path in ("/tmp", "/var/tmp", "/workspace", "/root"):
             args += (["--size", disk] if disk else []) + ["--tmpfs", path]
-        for path in _MASKED:
-            if Path(path).exists():
-                args += ["--ro-bind", "/dev/null", path]
-        for path in _MASKED_DIRS:
-            if Path(path).is_dir():
-                args += ["--tmpfs", path]
+        args += masking_args()
         etc = spec.run_dir / "etc"
         # The host's own passwd and group stay: dpkg checks the users and groups its
         # database names (shadow files are masked).

@@ -27,7 +27,10 @@ from sealbox.runtimes import probe_cache, seccomp
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, kill_child, launched
 from sealbox.runtimes.layers import layer_binds, mount_layer, unmount_layer
 from sealbox.runtimes.namespace import (
+    MASKED_DIRS,
+    MASKED_FILES,
     SANDBOX_UID,
+    SYSTEM_DIRS,
     prepare_run_dir,
     sandbox_env,
 )
@@ -37,7 +40,6 @@ RUNSC_THREADS = 256
 SAMPLE_SECONDS = 0.2
 PLATFORMS = ("systrap", "kvm", "ptrace")
 """Fastest first; the first that runs a probe container wins."""
-_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt")
 
 
 def _runsc_base(platform: str) -> list[str]:
@@ -128,7 +130,7 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
     ]
     layer = layer_binds(spec)
-    for top in _SYSTEM_DIRS:
+    for top in SYSTEM_DIRS:
         p = Path("/") / top
         if p.is_dir() and not p.is_symlink():
             mounts.append({"destination": str(p), "type": "bind",
@@ -136,6 +138,12 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
     if "/var" in layer:
         mounts.append({"destination": "/var", "type": "bind", "source": str(layer["/var"]),
                        "options": ["rbind", "ro"]})
+    # The host's credential files, hidden as on the namespace tier.
+    mounts += [{"destination": path, "type": "bind", "source": "/dev/null",
+                "options": ["bind", "ro"]} for path in MASKED_FILES if Path(path).exists()]
+    mounts += [{"destination": path, "type": "tmpfs", "source": "tmpfs",
+                "options": ["ro", "nosuid", "nodev", "mode=755"]}
+               for path in MASKED_DIRS if Path(path).is_dir()]
     for path in ("/tmp", "/var/tmp", "/run") + (() if spec.workspace else ("/workspace",)):
         mounts.append({"destination": path, "type": "tmpfs", "source": "tmpfs",
                        "options": ["nosuid", "nodev", "mode=1777", *disk]})
@@ -210,7 +218,7 @@ class GvisorSandbox:
         prepare_run_dir(self.spec)
         rootfs = self.bundle / "rootfs"
         rootfs.mkdir(parents=True, exist_ok=True)
-        for top in _SYSTEM_DIRS + ("proc", "dev", "tmp", "var", "run", "workspace", ".sealbox",
+        for top in SYSTEM_DIRS + ("proc", "dev", "tmp", "var", "run", "workspace", ".sealbox",
                                    "home"):
             p = Path("/") / top
             target = rootfs / top

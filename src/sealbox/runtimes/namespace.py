@@ -31,8 +31,32 @@ SANDBOX_UID = 1000
 # share file ownership or signal rights on the host.
 HOST_UID_BASE = 2_000_000
 HOST_UID_SPAN = 1_000_000
-_MASKED = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/sudoers")
-_MASKED_DIRS = ("/etc/ssh", "/etc/sudoers.d", "/etc/ssl/private")
+MASKED_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/sudoers")
+MASKED_DIRS = ("/etc/ssh", "/etc/sudoers.d", "/etc/ssl/private")
+
+
+SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt")
+
+
+def isolation_args(uid: int, hostname: str) -> list[str]:
+    """bwrap's namespaces and identity for a sandbox (or a template build) running as UID."""
+    return [
+        "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session",
+        "--uid", str(uid), "--gid", str(uid), "--hostname", hostname, "--clearenv",
+    ]
+
+
+def masking_args() -> list[str]:
+    """Hide the host's credential files and directories that the read-only /etc would show."""
+    args: list[str] = []
+    for path in MASKED_FILES:
+        if Path(path).exists():
+            args += ["--ro-bind", "/dev/null", path]
+    for path in MASKED_DIRS:
+        if Path(path).is_dir():
+            args += ["--tmpfs", path]
+    return args
 
 
 def host_uid_for(sandbox_id: str) -> int:
@@ -140,13 +164,8 @@ class NamespaceSandbox:
     def _bwrap_args(self, listen_fd: int, seccomp_fd: int) -> list[str]:
         spec = self.spec
         disk = str(spec.limits.disk_bytes) if spec.limits.disk_bytes else None
-        args = [
-            "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session",
-            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", spec.hostname,
-            "--clearenv",
-        ]
-        for top in ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt"):
+        args = isolation_args(SANDBOX_UID, spec.hostname)
+        for top in SYSTEM_DIRS:
             p = Path("/") / top
             if p.is_symlink():
                 args += ["--symlink", os.readlink(p), str(p)]
@@ -160,12 +179,7 @@ class NamespaceSandbox:
         if spec.workspace:
             args += ["--bind", str(spec.workspace), "/workspace"]
         args += ["--perms", "0755", "--dir", "/home"]
-        for path in _MASKED:
-            if Path(path).exists():
-                args += ["--ro-bind", "/dev/null", path]
-        for path in _MASKED_DIRS:
-            if Path(path).is_dir():
-                args += ["--tmpfs", path]
+        args += masking_args()
         etc = spec.run_dir / "etc"
         for name in ("passwd", "group", "hostname", "hosts"):
             args += ["--ro-bind", str(etc / name), f"/etc/{name}"]
