@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -120,3 +121,25 @@ def test_host_processes_are_invisible_and_unsignalable() -> None:
         lines = r.stdout.split("\n")
         assert int(lines[0]) <= 5  # bwrap's init, the agent, this shell, ps, wc
         assert "rc=1" in r.stdout
+
+
+async def test_cancelled_creates_leave_nothing(engine: Engine) -> None:
+    """A create cancelled at any point (a client gone, a pool refill at shutdown) removes all
+    it made, also what a worker thread was still making when the cancel came."""
+    from conftest import leftovers
+
+    before = await asyncio.to_thread(leftovers)  # pyroute2 runs its own loop
+    cancelled = 0
+    for delay in (0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08):
+        task = asyncio.create_task(engine.create(SandboxSpec(runtime="namespace")))
+        await asyncio.sleep(delay)
+        if task.cancel():
+            cancelled += 1
+        try:
+            info = await task
+        except asyncio.CancelledError:
+            continue
+        await engine.kill(info.id)  # finished before the cancel landed
+    assert cancelled, "every create finished before its cancel: the test proved nothing"
+    assert await asyncio.to_thread(leftovers) == before
+    assert all(i.state.value in ("failed", "killed") for i in engine.list(include_ended=True))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sealbox._sys.threads import run_to_completion
 from sealbox.egress.audit import RING_SIZE, AuditLog
 from sealbox.egress.context import SandboxContext
 from sealbox.egress.dns import DnsServer, NameMap, answer
@@ -97,7 +98,7 @@ class Gateway:
         secret_ctx = SecretContext(secrets)
         ca, upstream_tls = self._tls_ready()
         self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        link = await asyncio.to_thread(self.network.attach, sandbox_id, netns)
+        link = await run_to_completion(self.network.attach, sandbox_id, netns)
         ctx = SandboxContext(
             sandbox_id=sandbox_id, host_ip=link.host_ip, policy=policy, secrets=secret_ctx,
             names=NameMap(),

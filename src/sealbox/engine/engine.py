@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sealbox._sys import netns
+from sealbox._sys.threads import run_to_completion
 from sealbox._sys import overlay
 from sealbox._sys.cgroups import Cgroup
 from sealbox.egress.gateway import Gateway, GatewayConfig
@@ -278,15 +279,14 @@ class Engine:
             ns = netns_name(sandbox_id)
             running: RunningSandbox | None = None
             try:
-                # pyroute2's netns calls run their own loop: keep them off ours.
-                await asyncio.to_thread(netns.create, ns)
+                await run_to_completion(netns.create, ns)
                 attachment = await self.gateway.attach(
                     sandbox_id, ns, [] if bare else list(spec.allow_net),
                     {} if bare else dict(spec.secrets), run_dir
                 )
                 for name, placeholder in attachment.placeholders.items():
                     info.secrets[name].placeholder = placeholder
-                mounts = await asyncio.to_thread(
+                mounts = await run_to_completion(
                     self.volumes.attach, info.volumes, sandbox_id, owner,
                     volume_uid(runtime.name, sandbox_id, workspace),
                 ) if info.volumes else []
