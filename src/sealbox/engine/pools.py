@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sealbox.engine.spec import RuntimeName, SandboxSpec, SandboxState
-from sealbox.engine.units import parse_size
+from sealbox.engine.units import checked, parse_size
 from sealbox.errors import CapacityError, ConfigError, NotFoundError, SealboxError
 from sealbox.runtimes import registry
 
@@ -64,10 +64,7 @@ class PoolConfig(BaseModel):
     @field_validator("memory", "disk", mode="before")
     @classmethod
     def _size(cls, v: Any) -> int | None:
-        try:
-            return None if v is None else parse_size(v)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
+        return None if v is None else checked(parse_size, v)
 
     @property
     def key(self) -> str:

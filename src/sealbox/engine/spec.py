@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sealbox.egress.secrets import SecretSpec
-from sealbox.engine.units import parse_duration, parse_size
+from sealbox.engine.units import checked, parse_duration, parse_size
 from sealbox.errors import ConfigError
 
 RuntimeName = Literal["auto", "namespace", "gvisor", "microvm"]
@@ -19,11 +19,7 @@ DEFAULT_TIMEOUT = 1800.0
 
 
 def _duration(v: Any) -> float | None:
-    # ValueError, not ConfigError, so pydantic names the field in its message.
-    try:
-        return None if v is None else parse_duration(v)
-    except ConfigError as exc:
-        raise ValueError(exc.message) from None
+    return None if v is None else checked(parse_duration, v)
 
 
 VOLUME_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -69,18 +65,12 @@ class VolumeMount(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        try:
-            return check_volume_name(v)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
+        return checked(check_volume_name, v)
 
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
-        try:
-            return check_mount_path(v)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
+        return checked(check_mount_path, v)
 
     @classmethod
     def parse(cls, text: str) -> VolumeMount:
@@ -142,10 +132,7 @@ class SandboxSpec(BaseModel):
     @field_validator("memory", "disk", mode="before")
     @classmethod
     def _size(cls, v: Any) -> int | None:
-        try:
-            return None if v is None else parse_size(v)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
+        return None if v is None else checked(parse_size, v)
 
     @field_validator("memory")
     @classmethod

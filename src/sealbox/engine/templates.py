@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sealbox._sys import overlay
 from sealbox.engine.store import now
-from sealbox.engine.units import parse_size
+from sealbox.engine.units import checked, parse_size
 from sealbox.errors import ConfigError, NotFoundError
 
 BUILDER_VERSION = "1"
@@ -137,10 +137,7 @@ class TemplateSpec(BaseModel):
     @field_validator("disk", "memory", mode="before")
     @classmethod
     def _size(cls, v: Any) -> int:
-        try:
-            size = parse_size(v)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
+        size = checked(parse_size, v)
         if size < 64 * 1024**2:
             raise ValueError("must be at least 64MiB")
         return size
@@ -148,10 +145,7 @@ class TemplateSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        try:
-            return check_name(v)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
+        return checked(check_name, v)
 
     @field_validator("apt")
     @classmethod

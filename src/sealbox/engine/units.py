@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from sealbox.errors import ConfigError
 
@@ -61,3 +63,16 @@ def format_size(n: int) -> str:
         if n >= factor and n % factor == 0:
             return f"{n // factor} {unit}"
     return f"{n} bytes"
+
+
+V = TypeVar("V")
+T = TypeVar("T")
+
+
+def checked(check: Callable[[V], T], value: V) -> T:
+    """CHECK(VALUE) inside a pydantic validator: a ConfigError becomes the ValueError that
+    pydantic reports against the field (so the message names it)."""
+    try:
+        return check(value)
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sealbox._sys import volumes as sysvol
 from sealbox.engine.spec import VOLUME_NAME, VolumeMount, check_volume_name
 from sealbox.engine.store import Store, now
-from sealbox.engine.units import format_size, parse_size
+from sealbox.engine.units import checked, format_size, parse_size
 from sealbox.errors import ConfigError, ConflictError, NotFoundError
 from sealbox.runtimes.base import HostMount
 from sealbox.runtimes.namespace import SANDBOX_UID, host_uid_for
@@ -47,10 +47,7 @@ class VolumeCreate(BaseModel):
     @field_validator("size", mode="before")
     @classmethod
     def _size(cls, v: Any) -> int:
-        try:
-            size = parse_size(v)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
+        size = checked(parse_size, v)
         if not MIN_SIZE <= size <= MAX_SIZE:
             raise ValueError(f"size must be between {format_size(MIN_SIZE)} and "
                              f"{format_size(MAX_SIZE)}")
