@@ -5,8 +5,9 @@ from __future__ import annotations
 import builtins
 
 import base64
+import contextlib
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -107,29 +108,36 @@ class RemoteBackend:
     async def resume(self, sandbox_id: str) -> SandboxInfo:
         return SandboxInfo.model_validate(await self._json("POST", self._sb(sandbox_id, "/resume")))
 
-    async def exec_stream(self, sandbox_id: str, req: ExecRequest
-                          ) -> AsyncIterator[Output | ExecResult]:
+    async def _events(self, url: str, body: Any, params: dict[str, str] | None = None
+                      ) -> AsyncGenerator[dict[str, Any], None]:
+        """POST BODY to URL and yield the NDJSON events of the streamed answer; an `error`
+        event is raised as the sealbox error it names."""
         try:
-            async with self._http.stream(
-                "POST", self._sb(sandbox_id, "/exec"), params={"stream": "true"},
-                json=req.model_dump(mode="json"),
-            ) as resp:
+            async with self._http.stream("POST", url, params=params, json=body) as resp:
                 if not resp.is_success:
                     await resp.aread()
                     _raise_for(resp)
                 async for line in resp.aiter_lines():
                     if not line.strip():
                         continue
-                    event = json.loads(line)
-                    kind = event.pop("type")
-                    if kind in ("stdout", "stderr"):
-                        yield Output(kind, base64.b64decode(event["data"]))
-                    elif kind == "exit":
-                        yield ExecResult.model_validate(event)
-                    elif kind == "error":
+                    event: dict[str, Any] = json.loads(line)
+                    if event.get("type") == "error":
                         raise from_code(event.get("code", "internal"), event.get("message", ""))
+                    yield event
         except httpx.TransportError as exc:
             raise ServerError(f"connection to sealbox server lost: {exc}") from None
+
+    async def exec_stream(self, sandbox_id: str, req: ExecRequest
+                          ) -> AsyncIterator[Output | ExecResult]:
+        events = self._events(self._sb(sandbox_id, "/exec"), req.model_dump(mode="json"),
+                              {"stream": "true"})
+        async with contextlib.aclosing(events):  # a consumer that stops early ends the request
+            async for event in events:
+                kind = event.pop("type")
+                if kind in ("stdout", "stderr"):
+                    yield Output(kind, base64.b64decode(event["data"]))
+                elif kind == "exit":
+                    yield ExecResult.model_validate(event)
 
     async def run(self, sandbox_id: str, req: ExecRequest) -> ExecResult:
         data = await self._json("POST", self._sb(sandbox_id, "/exec"),
@@ -230,24 +238,13 @@ class RemoteBackend:
                              ) -> TemplateInfo:
         # The server does not read the caller's files: they travel inline.
         body = spec.model_copy(update={"files": [f.inline() for f in spec.files]})
-        try:
-            async with self._http.stream("POST", "/v1/templates",
-                                         json=body.model_dump(mode="json")) as resp:
-                if not resp.is_success:
-                    await resp.aread()
-                    _raise_for(resp)
-                async for line in resp.aiter_lines():
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    if event.get("type") == "done":
-                        return TemplateInfo.model_validate(event["template"])
-                    if event.get("type") == "error":
-                        raise from_code(event.get("code", "internal"), event.get("message", ""))
-                    if progress is not None:
-                        progress(event)
-        except httpx.TransportError as exc:
-            raise ServerError(f"connection to sealbox server lost: {exc}") from None
+        events = self._events("/v1/templates", body.model_dump(mode="json"))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event.get("type") == "done":
+                    return TemplateInfo.model_validate(event["template"])
+                if progress is not None:
+                    progress(event)
         raise ServerError("the server ended the build stream without a result")
 
     async def list_templates(self) -> builtins.list[TemplateInfo]:
