@@ -43,6 +43,8 @@ from sealbox.engine.spec import ExecRequest, ExecResult, SandboxSpec  # noqa: E4
 from sealbox.runtimes import registry  # noqa: E402
 from sealbox.runtimes.microvm_snapshot import SNAPSHOT_ENV  # noqa: E402
 
+import reach  # noqa: E402  (bench/reach.py, next to this file)
+
 TIERS = ("namespace", "gvisor", "microvm")
 BENCH_HOST = "api.bench.test"
 SECRET_VALUE = "sk-bench-real-value-0123456789"
@@ -486,6 +488,24 @@ class Bench:
             higher_is_better=True, note="ratio = host speed / sandbox speed"))
 
 
+    # 5b. preview URLs and the SSH gateway (a real server in a subprocess)
+    async def reach(self, tmp: Path) -> None:
+        res = await asyncio.to_thread(reach.measure, tmp, self.s.quick)
+        lat, lat_base = res["latency"]
+        self.report.add(Row(
+            "preview URL: GET on a kept-alive connection", "namespace", "s", lat,
+            "the same http.server on the host, direct", lat_base,
+            note="server → sandbox address through its veth; token checked per request"))
+        tput, tput_base = res["throughput"]
+        self.report.add(Row(
+            "preview URL: 20 MiB download throughput", "namespace", "B/s", tput,
+            "the same http.server on the host, direct", tput_base, higher_is_better=True,
+            note="ratio = direct speed / preview speed"))
+        ssh, cli = res["ssh"]
+        self.report.add(Row(
+            "ssh ID@host true (OpenSSH client, new connection each)", "namespace", "s", ssh,
+            "sealbox exec ID -- true (CLI, new process each)", cli))
+
     # 6. create -> first exec from a warm pool
     async def pool_start(self, tier: str) -> None:
         n = self.s.reps(tier, 30, 10, 5)
@@ -879,6 +899,8 @@ async def run_all(settings: Settings, report: Report, only: set[str] | None) -> 
                 await guard("workloads", lambda: workloads(bench, tiers))
             if wanted("egress") and "namespace" in tiers:
                 await guard("egress", bench.egress)
+            if wanted("reach") and "namespace" in tiers:
+                await guard("reach", lambda: bench.reach(tmp))
         finally:
             await engine.close()
             server.close()
