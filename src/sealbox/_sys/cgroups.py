@@ -89,7 +89,15 @@ class Cgroup:
             _write(self._dir("pids") / "pids.max", str(pids))
 
     def join(self, pid: int = 0) -> None:
-        """Move PID (0 = the caller) into the cgroup; safe between fork and exec."""
+        """Move PID into the cgroup; 0 = the caller, which must be single-threaded (a child
+        between fork and exec, where this is meant to run)."""
+        if not pid and not is_v2():
+            # The caller is one thread (between fork and exec): on v1, moving the current
+            # thread through `tasks` skips the global threadgroup lock, whose RCU grace period
+            # makes a `cgroup.procs` write take 10-25 ms here (the whole of a sandbox's spawn).
+            for d in self.dirs:
+                _write(d / "tasks", "0")
+            return
         for d in self.dirs:
             _write(d / "cgroup.procs", str(pid or os.getpid()))
 
