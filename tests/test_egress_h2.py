@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import h11
 import httpx
 import pytest
@@ -216,6 +219,76 @@ async def test_http2_bulk_both_ways_respects_flow_control(bulk: Setup) -> None:
     assert down.http_version == "HTTP/2"
     assert hashlib.sha256(down.content).hexdigest() == expected_sha256(size)
     assert up.json() == {"sha256": expected_sha256(size), "bytes": size}
+
+
+async def h2_raw(s: Setup, host: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                                h2.connection.H2Connection]:
+    """A bare h2 client over TLS to the proxy, for what well-behaved clients never send."""
+    tls = ssl.create_default_context(cafile=str(s.ca.cert_path))
+    tls.set_alpn_protocols(["h2"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port, ssl=tls,
+                                                   server_hostname=host)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                header_encoding=None))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    await writer.drain()
+    return reader, writer, conn
+
+
+async def h2_events(reader: asyncio.StreamReader, conn: h2.connection.H2Connection,
+                    until: type) -> list[Any]:
+    """Events until one of type UNTIL (or the connection ends)."""
+    seen: list[Any] = []
+    async with asyncio.timeout(HANG_GUARD):
+        while not any(isinstance(e, until) for e in seen):
+            data = await reader.read(65536)
+            if not data:
+                break
+            seen += conn.receive_data(data)
+    return seen
+
+
+async def test_h2_connect_is_refused_on_an_intercepted_connection(echo: Setup) -> None:
+    echo.to("api.test", 443)
+    reader, writer, conn = await h2_raw(echo, "api.test")
+    try:
+        conn.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"other.test:443")])
+        writer.write(conn.data_to_send())
+        seen = await h2_events(reader, conn, h2.events.StreamEnded)
+    finally:
+        writer.close()
+    status = [dict(e.headers)[b":status"] for e in seen if isinstance(e, h2.events.ResponseReceived)]
+    assert status == [b"403"], seen
+    assert not echo.upstream.requests
+
+
+async def test_h2_garbage_ends_that_connection_only(echo: Setup) -> None:
+    echo.to("api.test", 443)
+    reader, writer, conn = await h2_raw(echo, "api.test")
+    try:
+        # A DATA frame on stream 0 (RFC 9113 6.1: a connection error), after a valid preface.
+        writer.write(b"\x00\x00\x04\x00\x00\x00\x00\x00\x00" + b"evil")
+        seen = await h2_events(reader, conn, h2.events.ConnectionTerminated)
+    finally:
+        writer.close()
+    assert any(isinstance(e, h2.events.ConnectionTerminated) for e in seen) or not seen
+    # The gateway still serves the next connection.
+    async with h2_client(echo) as client:
+        assert (await get(client, "/after")).status_code == 200
+
+
+async def test_h2_placeholder_in_a_large_body_to_another_host_is_blocked(echo: Setup) -> None:
+    echo.to("other.test", 443)
+    body = b"x" * (2 << 20) + ph(echo).encode() + b"y" * 1000  # past the 1 MiB buffer
+    async with h2_client(echo) as client:
+        r = await get(client, "/upload", host="other.test", method="POST", content=body)
+        after = await get(client, "/after", host="other.test")
+    assert r.status_code == 403 and r.headers["x-sealbox-blocked"] == "secret-exfil"
+    assert after.status_code == 200
+    # The upstream never saw a whole request carrying the placeholder.
+    assert [q["target"] for q in echo.upstream.requests] == ["/after"]
+    assert echo.events("secret_exfil_blocked")
 
 
 # ----- load (HTTP/1.1) --------------------------------------------------------------------

@@ -124,6 +124,10 @@ def test_length_fixed_bodies_refuse_placeholders() -> None:
     c = ctx()
     with pytest.raises(SecretBlocked, match=str(BODY_LIMIT)):
         c.rewriter("api.test", 443, "POST", "/").body(substitute=False).feed(placeholder(c))
+    # Towards a host the secret is not bound to, it is an exfiltration attempt, and said so.
+    with pytest.raises(SecretBlocked) as blocked:
+        c.rewriter("evil.test", 443, "POST", "/").body(substitute=False).feed(placeholder(c))
+    assert blocked.value.kind == "secret_exfil_blocked"
 
 
 @given(st.binary(max_size=200), st.lists(st.integers(1, 30), max_size=20))

@@ -236,6 +236,8 @@ class RequestRewriter:
             if binding is None:
                 return match
             if not substitute:
+                if not binding.bound_to(self.host, self.port):
+                    self.decide(binding, "body")  # raises: an exfiltration attempt, said so
                 raise SecretBlocked("blocked", binding.name, "body",
                                     f"placeholder for {binding.name} in a request body over "
                                     f"{BODY_LIMIT} bytes")
