@@ -11,7 +11,7 @@ import pytest
 from sealbox._sys import cgroups, netns
 from sealbox._sys import volumes as sysvol
 from sealbox.engine.config import EngineConfig
-from sealbox.engine.engine import NETNS_PREFIX, Engine
+from sealbox.engine.engine import NETNS_PREFIX, Engine, netns_name
 from sealbox.runtimes.namespace import HOST_UID_BASE, HOST_UID_SPAN
 
 RUN_ROOT = Path("/run/sealbox")
@@ -35,6 +35,18 @@ def sandbox_processes() -> list[int]:
         if HOST_UID_BASE <= uid < HOST_UID_BASE + HOST_UID_SPAN and state != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+def gone(sid: str) -> list[str]:
+    """What of sandbox SID is still on the host (empty once it is all gone)."""
+    left = []
+    if netns.exists(netns_name(sid)):
+        left.append("netns")
+    if cgroups.Cgroup(sid).exists():
+        left.append("cgroup")
+    if (RUN_ROOT / sid).exists():
+        left.append("run dir")
+    return left
 
 
 def leftovers() -> dict[str, list[str]]:

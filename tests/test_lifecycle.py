@@ -13,24 +13,13 @@ import httpx
 import pytest
 
 from sealbox import Sandbox
-from sealbox._sys import cgroups, netns
-from sealbox.engine.engine import Engine, netns_name
+from sealbox._sys import cgroups
+from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, SandboxSpec
 from sealbox.errors import ConfigError, NotFoundError, SandboxError
 from support.server import ADMIN_KEY, start_server
 
-from conftest import RUN_ROOT
-
-
-def _gone(sid: str) -> list[str]:
-    left = []
-    if netns.exists(netns_name(sid)):
-        left.append("netns")
-    if cgroups.Cgroup(sid).exists():
-        left.append("cgroup")
-    if (RUN_ROOT / sid).exists():
-        left.append("run dir")
-    return left
+from conftest import gone
 
 
 def test_server_killed_with_sigkill_then_restarted_leaves_nothing(tmp_path: Path) -> None:
@@ -59,7 +48,7 @@ def test_server_killed_with_sigkill_then_restarted_leaves_nothing(tmp_path: Path
     restarted = start_server(data)
     try:
         for sid in ids:
-            assert _gone(sid) == [], sid
+            assert gone(sid) == [], sid
             r = httpx.get(f"{restarted.url}/v1/sandboxes/{sid}", headers=auth)
             assert r.json()["state"] == "killed"
             assert "owner process died" in r.json()["end_reason"]

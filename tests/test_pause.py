@@ -15,15 +15,14 @@ import httpx
 import pytest
 
 from sealbox import AsyncSandbox, Sandbox
-from sealbox._sys import cgroups, netns
 from sealbox.engine.config import EngineConfig
-from sealbox.engine.engine import Engine, netns_name
+from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, SandboxSpec, SandboxState, VolumeMount
 from sealbox.engine.volumes import VolumeCreate
 from sealbox.errors import ConflictError, SandboxError
 from support.server import ADMIN_KEY, start_server
 
-from conftest import RUN_ROOT
+from conftest import gone
 
 pytestmark = pytest.mark.privileged
 TIERS = ["namespace", "gvisor"]
@@ -52,17 +51,6 @@ def wait_counter_above(path: Path, value: int, timeout: float = 20) -> int:
                 return now
         time.sleep(0.05)
     raise AssertionError(f"counter in {path} did not pass {value}")
-
-
-def gone(sid: str) -> list[str]:
-    left = []
-    if netns.exists(netns_name(sid)):
-        left.append("netns")
-    if cgroups.Cgroup(sid).exists():
-        left.append("cgroup")
-    if (RUN_ROOT / sid).exists():
-        left.append("run dir")
-    return left
 
 
 @pytest.mark.parametrize("runtime", TIERS)

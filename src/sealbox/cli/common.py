@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -15,6 +16,7 @@ from rich.console import Console
 from sealbox.egress.gateway import ResolvePin
 from sealbox.engine.spec import VolumeMount
 from sealbox.errors import ConfigError, SealboxError
+from sealbox.sdk.remote import RemoteBackend
 from sealbox.sdk.secret import Secret
 
 T = TypeVar("T")
@@ -125,3 +127,14 @@ def server_url() -> tuple[str, str | None]:
     if not url:
         raise ConfigError("this command talks to a server: set SEALBOX_URL (and SEALBOX_API_KEY)")
     return url, os.environ.get("SEALBOX_API_KEY")
+
+
+@contextlib.asynccontextmanager
+async def server_backend() -> AsyncIterator[RemoteBackend]:
+    """The server SEALBOX_URL names, as a backend closed when the block ends."""
+    url, key = server_url()
+    backend = RemoteBackend(url, key)
+    try:
+        yield backend
+    finally:
+        await backend.close()

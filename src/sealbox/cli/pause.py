@@ -7,8 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from sealbox.cli.common import run_async, server_url
-from sealbox.sdk.remote import RemoteBackend
+from sealbox.cli.common import run_async, server_backend
 
 console = Console(highlight=False)
 IdArg = Annotated[str, typer.Argument(metavar="ID")]
@@ -18,12 +17,8 @@ def pause(sandbox_id: IdArg) -> None:
     """Freeze a sandbox: no CPU, its timeout clock stops; it survives a server restart."""
 
     async def main() -> None:
-        url, key = server_url()
-        backend = RemoteBackend(url, key)
-        try:
+        async with server_backend() as backend:
             info = await backend.pause(sandbox_id)
-        finally:
-            await backend.close()
         console.print(f"paused {info.id}")
 
     run_async(main)
@@ -33,12 +28,8 @@ def resume(sandbox_id: IdArg) -> None:
     """Resume a paused sandbox; says whether its processes came back or only its files."""
 
     async def main() -> None:
-        url, key = server_url()
-        backend = RemoteBackend(url, key)
-        try:
+        async with server_backend() as backend:
             info = await backend.resume(sandbox_id)
-        finally:
-            await backend.close()
         if info.resumed_processes is False:
             console.print(f"resumed {info.id}: processes NOT restored ({info.resume_note})",
                           markup=False, soft_wrap=True)

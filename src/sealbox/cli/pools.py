@@ -9,11 +9,10 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from sealbox.cli.common import CpusOpt, DiskOpt, MemoryOpt, PidsOpt, run_async, server_url
+from sealbox.cli.common import CpusOpt, DiskOpt, MemoryOpt, PidsOpt, run_async, server_backend
 from sealbox.engine.pools import BASE, PoolConfig
 from sealbox.engine.units import format_size
 from sealbox.errors import ConfigError
-from sealbox.sdk.remote import RemoteBackend
 
 console = Console(highlight=False)
 pool_app = typer.Typer(no_args_is_help=True,
@@ -35,11 +34,6 @@ def _config(**fields: Any) -> dict[str, Any]:
         raise ConfigError(f"invalid pool: {where}: {err.get('msg')}") from None
 
 
-async def _backend() -> RemoteBackend:
-    url, key = server_url()
-    return RemoteBackend(url, key)
-
-
 @pool_app.command("set")
 def set_(
     template: TemplateArg = BASE,
@@ -55,11 +49,8 @@ def set_(
             raise ConfigError("--size N is required and must be 0 or more")
         body = _config(template=template, runtime=runtime, size=size, cpus=cpus, memory=memory,
                        pids=pids, disk=disk)
-        backend = await _backend()
-        try:
+        async with server_backend() as backend:
             status = await backend.set_pool(body)
-        finally:
-            await backend.close()
         console.print(f"pool {status['key']}: size {status['size']}, ready {status['ready']}")
 
     run_async(main)
@@ -70,11 +61,8 @@ def ls() -> None:
     """List pools: key (TEMPLATE/TIER), size, ready members, limits, last error."""
 
     async def main() -> None:
-        backend = await _backend()
-        try:
+        async with server_backend() as backend:
             pools = await backend.pools()
-        finally:
-            await backend.close()
         table = Table("KEY", "SIZE", "READY", "BOOTING", "LIMITS", "ERROR", box=None)
         for p in pools:
             limits = ", ".join(filter(None, [
@@ -94,11 +82,8 @@ def rm(template: TemplateArg = BASE, runtime: PoolRuntimeOpt = "auto") -> None:
     """Stop keeping the pool and kill its idle members."""
 
     async def main() -> None:
-        backend = await _backend()
-        try:
+        async with server_backend() as backend:
             await backend.remove_pool(template or BASE, runtime)
-        finally:
-            await backend.close()
         console.print(f"removed pool {template or BASE}/{runtime}")
 
     run_async(main)

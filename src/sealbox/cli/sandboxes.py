@@ -23,11 +23,11 @@ from sealbox.cli.common import (
     parse_volumes,
     run_async,
     sandbox_spec_fields,
+    server_backend,
     server_url,
 )
 from sealbox.engine.pools import POOL_LABEL
 from sealbox.sdk.async_sandbox import AsyncSandbox, make_spec
-from sealbox.sdk.remote import RemoteBackend
 
 console = Console(highlight=False)
 
@@ -50,12 +50,8 @@ def create(
         spec = make_spec(**sandbox_spec_fields(runtime, allow_net, secret, env, timeout, cpus,
                                                memory, pids, disk), volumes=parse_volumes(volume),
                          template=template)
-        url, key = server_url()
-        backend = RemoteBackend(url, key)
-        try:
+        async with server_backend() as backend:
             info = await backend.create(spec)
-        finally:
-            await backend.close()
         console.print(f"created sandbox ({info.runtime}) {info.id}")
 
     run_async(main)

@@ -372,6 +372,16 @@ class Engine:
                 reason = f"sandbox timeout reached (limit {live.spec.timeout:g}s)"
             await self._finish(live, SandboxState.killed, reason)
 
+    async def _teardown(self, live: _Live) -> None:
+        """End LIVE's processes and remove everything it had on the host (its record stays)."""
+        try:
+            await live.guest.close()
+            await live.runtime.kill()
+            await self.gateway.detach(live.info.id)
+        finally:
+            await asyncio.to_thread(self._remove_leftovers, live.info.id)
+            self._live.pop(live.info.id, None)
+
     async def _finish(self, live: _Live, state: SandboxState, reason: str) -> None:
         if live.ended.is_set():
             await live.gone.wait()
@@ -381,13 +391,9 @@ class Engine:
         if live.timer is not None:
             live.timer.cancel()
         try:
-            await live.guest.close()
-            await live.runtime.kill()
-            await self.gateway.detach(sandbox_id)
+            await self._teardown(live)
         finally:
-            await asyncio.to_thread(self._remove_leftovers, sandbox_id)
             self.paused.discard(sandbox_id)
-            self._live.pop(sandbox_id, None)
             live.info.state = state
             live.info.ended_at = now()
             live.info.end_reason = reason
@@ -483,12 +489,8 @@ class Engine:
             live.ended.set()
             sandbox_id = live.info.id
             try:
-                await live.guest.close()
-                await live.runtime.kill()
-                await self.gateway.detach(sandbox_id)
+                await self._teardown(live)
             finally:
-                await asyncio.to_thread(self._remove_leftovers, sandbox_id)
-                self._live.pop(sandbox_id, None)
                 live.info.resume_note = LOST_PROCESSES
                 self.store.put(live.info)
                 self.store.disown(sandbox_id)
