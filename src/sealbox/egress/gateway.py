@@ -98,7 +98,13 @@ class Gateway:
         secret_ctx = SecretContext(secrets)
         ca, upstream_tls = self._tls_ready()
         self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        link = await run_to_completion(self.network.attach, sandbox_id, netns)
+        try:
+            link = await run_to_completion(self.network.attach, sandbox_id, netns)
+        except asyncio.CancelledError:
+            # The veth may exist by now: remove it here, not through the namespace's
+            # deletion, which the kernel finishes asynchronously.
+            await asyncio.to_thread(self.network.detach_id, sandbox_id)
+            raise
         ctx = SandboxContext(
             sandbox_id=sandbox_id, host_ip=link.host_ip, policy=policy, secrets=secret_ctx,
             names=NameMap(),

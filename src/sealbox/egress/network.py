@@ -226,10 +226,14 @@ class Network:
 
     def detach(self, link: Link) -> None:
         """Delete the host veth (its peer goes with it), which frees the block. Idempotent."""
+        self.detach_id(link.sandbox_id)
+
+    def detach_id(self, sandbox_id: str) -> None:
+        """`detach` by sandbox id: for an attach whose Link never reached its caller."""
         try:
-            net.delete_link(link.host_if)
+            net.delete_link(host_if_name(sandbox_id))
         except OSError as exc:
-            raise EgressError(f"cannot detach sandbox {link.sandbox_id}: {exc}") from exc
+            raise EgressError(f"cannot detach sandbox {sandbox_id}: {exc}") from exc
 
     def cleanup_orphans(self, live_ids: set[str]) -> list[str]:
         """Remove sandbox veths whose sandbox is not in LIVE_IDS; returns their sandbox ids.
