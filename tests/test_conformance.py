@@ -20,7 +20,9 @@ import hashlib
 import json
 import os
 import socket
+import tarfile
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -51,7 +53,8 @@ T = TypeVar("T")
 TIERS = ("namespace", "gvisor", "microvm")
 PROBES = registry.probes()
 # What the microvm tier runs by default (TCG boots take seconds); the rest is `slow` for it.
-MICROVM_CORE = frozenset({"exec", "files", "secret_round_trip", "timeout_cleanup"})
+MICROVM_CORE = frozenset({"exec", "files", "secret_round_trip", "timeout_cleanup",
+                          "pause_resume"})
 
 API = "api.conf.test"
 OTHER = "other.conf.test"
@@ -666,6 +669,62 @@ async def test_timeout_ends_and_cleans_up(world: World, make: Any, tier: str) ->
     assert info.state == SandboxState.killed
     assert info.end_reason is not None and "timeout" in info.end_reason, info
     await assert_gone(box.id)
+
+
+# ----- 5b. pause and resume ---------------------------------------------------------------------
+
+COUNTER = ("i=0; while :; do i=$((i+1)); echo $i > /workspace/c.new && mv /workspace/c.new "
+           "/workspace/c; sleep 0.1; done")
+
+
+def paused_counter(world: World, sid: str) -> int:
+    """The counter as pause saved it (every tier saves /workspace; the tar is taken just
+    before the processes stop, so a few ticks may follow)."""
+    with tarfile.open(world.engine.paused.dir(sid) / "workspace.tar") as tar:
+        member = tar.extractfile("./c")
+        assert member is not None
+        return int(member.read())
+
+
+@pytest.mark.parametrize("tier", tiers("pause_resume"))
+async def test_pause_resume_keeps_processes_and_secrets(world: World, make: Any,
+                                                        tier: str) -> None:
+    box = await make(tier, **secret_spec())
+    placeholder = placeholder_of(world, box.id)
+    await box.sh(COUNTER, background=True)
+    await box.ok("while [ ! -s /workspace/c ] || [ $(cat /workspace/c) -lt 5 ]; do sleep 0.1; "
+                 "done")
+    address = await box.ok("ip -4 -o addr show eth0 | awk '{print $4}'")
+    info = await world.engine.pause(box.id)
+    assert info.state == SandboxState.paused
+    at_pause = paused_counter(world, box.id)
+    if tier == "microvm":
+        # Saved to disk whole: while paused nothing of it is left on the host, and another
+        # sandbox takes the address block it had.
+        assert world.engine.paused.has_checkpoint(box.id)
+        await assert_gone(box.id)
+        other = await make("namespace")
+        assert await other.ok("ip -4 -o addr show eth0 | awk '{print $4}'") == address
+    else:
+        assert not world.engine.paused.has_checkpoint(box.id)
+    await asyncio.sleep(3)  # thirty ticks, were it running
+    resumed = await world.engine.resume(box.id)
+    assert resumed.resumed_processes is True and resumed.resume_note is None
+    # The same shell, with its variable: it continues from where it was, not from 1.
+    after = int(await box.ok("cat /workspace/c"))
+    assert at_pause <= after < at_pause + 15, (at_pause, after)
+    later = await box.ok(f"while [ $(cat /workspace/c) -le {after} ]; do sleep 0.1; done; "
+                         "date +%s; ip -4 -o addr show eth0 | awk '{print $4}'; echo $KEY")
+    clock, new_address, key = later.split()
+    assert abs(int(clock) - time.time()) < 5  # a restored guest's clock is set to now
+    assert key == placeholder == placeholder_of(world, box.id)
+    if tier == "microvm":
+        assert new_address != address  # it took its new network's address
+    # Egress and the secret work as before the pause.
+    r = await box.sh(f'curl -sS -m 20 https://{API}/v1/models -H "Authorization: Bearer $KEY"')
+    assert r.exit_code == 0, r.stderr
+    assert [h.get("authorization") for h in headers_of(world.api)] == [f"Bearer {REAL}"]
+    assert REAL not in r.stdout
 
 
 # ----- 6. cleanup (invariant 5) --------------------------------------------------------------

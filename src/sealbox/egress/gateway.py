@@ -87,7 +87,9 @@ class Gateway:
             await self.detach(sandbox_id)
 
     async def attach(self, sandbox_id: str, netns: str, allow_net: list[str],
-                     secrets: dict[str, SecretSpec], run_dir: Path) -> Attachment:
+                     secrets: dict[str, SecretSpec], run_dir: Path,
+                     placeholders: dict[str, str] | None = None) -> Attachment:
+        """PLACEHOLDERS: reuse these for SECRETS (a sandbox restored with its memory)."""
         if sandbox_id in self._attached:
             raise EgressError(f"sandbox {sandbox_id} is already attached")
         # Validate everything before touching the host.
@@ -95,7 +97,7 @@ class Gateway:
         for name, spec in secrets.items():
             if not isinstance(spec, SecretSpec):
                 raise ConfigError(f"secret {name!r} must be a SecretSpec")
-        secret_ctx = SecretContext(secrets)
+        secret_ctx = SecretContext(secrets, placeholders)
         ca, upstream_tls = self._tls_ready()
         self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:

@@ -129,13 +129,16 @@ class SecretEvent:
 class SecretContext:
     """One sandbox's secrets: placeholders issued to it, and the real values (memory only)."""
 
-    def __init__(self, specs: dict[str, SecretSpec]) -> None:
+    def __init__(self, specs: dict[str, SecretSpec],
+                 placeholders: dict[str, str] | None = None) -> None:
+        """PLACEHOLDERS: those issued before (a sandbox restored with its memory still holds
+        them); new ones otherwise."""
         self._by_placeholder: dict[bytes, Binding] = {}
         for name, spec in specs.items():
             check_env_name(name)
-            placeholder = new_placeholder().encode()
-            self._by_placeholder[placeholder] = Binding(
-                name, placeholder, spec.value.get_secret_value().encode(),
+            placeholder = (placeholders or {}).get(name) or new_placeholder()
+            self._by_placeholder[placeholder.encode()] = Binding(
+                name, placeholder.encode(), spec.value.get_secret_value().encode(),
                 tuple(parse_rule(h) for h in spec.hosts), spec,
             )
         values = sorted({b.value for b in self._by_placeholder.values()}, key=len, reverse=True)

@@ -38,7 +38,7 @@ from sealbox.engine import snapshots, template_build, workspace_tar
 from sealbox.engine.store import Store, now
 from sealbox.engine.templates import Resolved, TemplateInfo, TemplateSpec, TemplateStore
 from sealbox.engine.units import format_size
-from sealbox.engine.pause import LOST_PROCESSES, PausedState, remaining_time
+from sealbox.engine.pause import LOST_PROCESSES, PausedState, Saved, remaining_time
 from sealbox.engine.pools import POOL_LABEL, Pools
 from sealbox.engine.volumes import Volumes, volume_uid
 from sealbox.errors import (
@@ -47,6 +47,7 @@ from sealbox.errors import (
     NotFoundError,
     SandboxError,
     SandboxGone,
+    SealboxError,
 )
 from sealbox.guest.client import ExecHandle, ExitStatus, GuestClient, Output
 from sealbox.runtimes import registry
@@ -180,8 +181,8 @@ class Engine:
         for info in self.store.orphans():
             self._remove_leftovers(info.id, info.runtime)
             if info.state == SandboxState.paused and self.paused.exists(info.id):
-                # Survives its owner: resume boots it again from what pause saved.
-                if info.resume_note != LOST_PROCESSES:
+                # Survives its owner: resume restores or boots it again from what pause saved.
+                if not self.paused.has_checkpoint(info.id) and info.resume_note != LOST_PROCESSES:
                     info.resume_note = LOST_PROCESSES
                     self.store.put(info)
                 continue
@@ -252,9 +253,12 @@ class Engine:
 
     async def _boot(self, spec: SandboxSpec, runtime: Runtime, workspace: Path | None, *,
                     bare: bool, metadata: dict[str, str] | None = None,
-                    owner: str | None = None, sandbox_id: str | None = None) -> _Live:
+                    owner: str | None = None, sandbox_id: str | None = None,
+                    restore: Path | None = None,
+                    placeholders: dict[str, str] | None = None) -> _Live:
         """Start a sandbox up to its agent answering. BARE (a warm-pool member): attached to
-        the gateway with no secrets and no egress, and no caller env; `_claim` adds them."""
+        the gateway with no secrets and no egress, and no caller env; `_claim` adds them.
+        RESTORE: a checkpoint to restore instead (with the PLACEHOLDERS its memory holds)."""
         if self._at_capacity():
             raise CapacityError(
                 f"this installation runs at most {self.config.max_sandboxes} sandboxes at once; "
@@ -282,7 +286,7 @@ class Engine:
                 await run_to_completion(netns.create, ns)
                 attachment = await self.gateway.attach(
                     sandbox_id, ns, [] if bare else list(spec.allow_net),
-                    {} if bare else dict(spec.secrets), run_dir
+                    {} if bare else dict(spec.secrets), run_dir, placeholders
                 )
                 for name, placeholder in attachment.placeholders.items():
                     info.secrets[name].placeholder = placeholder
@@ -296,13 +300,13 @@ class Engine:
                                   disk_bytes=spec.disk),
                     env={**attachment.env, **({} if bare else spec.env)}, hostname=sandbox_id,
                     workspace=workspace, ro_files=dict(attachment.ro_files), mounts=mounts,
-                    layer=template.layer if template else None,
+                    layer=template.layer if template else None, restore=restore,
                 )
                 if template is not None:
                     launch.env = {**attachment.env, **template.env, **launch.env}
                 running = await runtime.start(launch)
                 guest = await running.connect()
-                if template is not None:
+                if template is not None and restore is None:
                     await self._apply_template(guest, template)
             except BaseException as exc:
                 if running is not None:
@@ -432,11 +436,18 @@ class Engine:
                 live.timer.cancel()
                 live.timer = None
             info.state = SandboxState.paused  # no new commands while saving
+            # A pool member never claimed has no spec; claimed ones always do.
+            checkpoint = live.spec is not None and live.runtime.can_checkpoint
             try:
                 if live.spec is not None:
-                    await self.paused.save(live.guest, live.spec, remaining, sandbox_id,
-                                           info.disk)
-                await live.runtime.pause()
+                    placeholders = {k: v.placeholder for k, v in info.secrets.items()
+                                    if v.placeholder}
+                    await self.paused.save(live.guest, Saved(live.spec, remaining, placeholders),
+                                           sandbox_id, info.disk)
+                if checkpoint:
+                    await live.runtime.checkpoint(self.paused.checkpoint_dir(sandbox_id))
+                else:
+                    await live.runtime.pause()
             except BaseException:
                 info.state = SandboxState.running
                 self.paused.discard(sandbox_id)
@@ -444,7 +455,10 @@ class Engine:
                 raise
             info.paused_at = paused_at
             self.store.put(info)
-            self.events.write(sandbox_id, "paused", remaining=remaining)
+            self.events.write(sandbox_id, "paused", remaining=remaining, checkpoint=checkpoint)
+            if checkpoint:
+                # Saved whole: nothing of it stays on the host until it is resumed.
+                await self._put_away(live, None, "paused to disk")
             return info.model_copy(deep=True)
 
     async def resume(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
@@ -484,18 +498,22 @@ class Engine:
         """End a paused sandbox's processes and everything on the host, keeping its record
         (paused) and saved state: the engine is shutting down, and a later one resumes it."""
         async with live.lock:
-            if live.ended.is_set():
-                return
-            live.ended.set()
-            sandbox_id = live.info.id
-            try:
-                await self._teardown(live)
-            finally:
-                live.info.resume_note = LOST_PROCESSES
-                self.store.put(live.info)
-                self.store.disown(sandbox_id)
-                self.events.write(sandbox_id, "suspended", reason="engine shut down")
-                live.gone.set()
+            if not live.ended.is_set():
+                await self._put_away(live, LOST_PROCESSES, "engine shut down")
+
+    async def _put_away(self, live: _Live, note: str | None, reason: str) -> None:
+        """Remove a paused sandbox from the host, keeping its record and saved state for any
+        engine to resume (`_resume_dormant`). The caller holds LIVE's lock."""
+        live.ended.set()
+        sandbox_id = live.info.id
+        try:
+            await self._teardown(live)
+        finally:
+            live.info.resume_note = note
+            self.store.put(live.info)
+            self.store.disown(sandbox_id)
+            self.events.write(sandbox_id, "suspended", reason=reason)
+            live.gone.set()
 
     def _arm_timer(self, live: _Live, seconds: float | None) -> None:
         if seconds is None:
@@ -520,29 +538,49 @@ class Engine:
         return info
 
     async def _resume_dormant(self, old: SandboxInfo) -> SandboxInfo:
+        """Restore a sandbox paused to disk, or boot it again with the files pause saved."""
         sandbox_id = old.id
-        spec, remaining = self.paused.load(sandbox_id)
+        saved = self.paused.load(sandbox_id)
+        spec = saved.spec
         runtime = registry.lookup(old.runtime)
         workspace = Path(spec.workspace) if spec.workspace else None
         if spec.volumes:
             await asyncio.to_thread(self.volumes.check, spec.volumes, old.owner, sandbox_id)
         self.store.adopt(sandbox_id)  # ours now: nobody else reconciles it away meanwhile
-        live = await self._boot(spec, runtime, workspace, bare=False, owner=old.owner,
-                                sandbox_id=sandbox_id, metadata=old.metadata)
+        note = old.resume_note or LOST_PROCESSES
+        live: _Live | None = None
+        if self.paused.has_checkpoint(sandbox_id):
+            try:
+                live = await self._boot(spec, runtime, workspace, bare=False, owner=old.owner,
+                                        sandbox_id=sandbox_id, metadata=old.metadata,
+                                        restore=self.paused.checkpoint_dir(sandbox_id),
+                                        placeholders=saved.placeholders)
+                # A pool member's secrets and env reached its commands, not its agent.
+                live.env = {**saved.placeholders, **spec.env}
+            except SealboxError as exc:
+                note = (f"its processes could not be restored ({exc}); /workspace was "
+                        "restored from the files saved at pause")
+                self.events.write(sandbox_id, "restore_failed", reason=str(exc))
+                self.paused.drop_checkpoint(sandbox_id)
+        restored = live is not None
+        if live is None:
+            live = await self._boot(spec, runtime, workspace, bare=False, owner=old.owner,
+                                    sandbox_id=sandbox_id, metadata=old.metadata)
         live.spec = spec
         try:
-            await self._claim(live, spec, old.owner, remaining, False)
-            await self.paused.restore_files(live.guest, sandbox_id)
+            await self._claim(live, spec, old.owner, saved.remaining, False)
+            if not restored:
+                await self.paused.restore_files(live.guest, sandbox_id)
         except BaseException as exc:
             await self._finish(live, SandboxState.failed, f"failed to resume: {exc}")
             raise
         info = live.info
         info.created_at = old.created_at
-        info.resumed_processes = False
-        info.resume_note = LOST_PROCESSES
+        info.resumed_processes = restored
+        info.resume_note = None if restored else note
         self.paused.discard(sandbox_id)
         self.store.put(info)
-        self.events.write(sandbox_id, "resumed", processes=False)
+        self.events.write(sandbox_id, "resumed", processes=restored)
         return info.model_copy(deep=True)
 
     # ----- templates, snapshots, fork (engine/templates.py, template_build.py, snapshots.py) --

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from sealbox.errors import SandboxError
 from sealbox.guest.client import GuestClient
 
 
@@ -64,6 +65,9 @@ class LaunchSpec:
     """Volumes, bind-mounted after every other mount (so they may sit under /workspace)."""
     layer: Path | None = None
     """A template's read-only tree (usr/, etc/, opt/, var/) overlaid on the system dirs."""
+    restore: Path | None = None
+    """A checkpoint (`RunningSandbox.checkpoint`) to restore instead of booting: the same
+    processes and memory, on this launch's network namespace and files."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,23 @@ class RunningSandbox(Protocol):
     async def pause(self) -> None: ...
 
     async def resume(self) -> None: ...
+
+    can_checkpoint: bool
+    """Whether `checkpoint` can save processes and memory to disk (so a pause frees them)."""
+
+    async def checkpoint(self, dest: Path) -> None:
+        """Stop the sandbox and save it into DEST (a new directory) for `LaunchSpec.restore`;
+        `kill` then frees it. On failure it runs on."""
+        ...
+
+
+class NoCheckpoint:
+    """For tiers that cannot save processes: pause freezes them in place instead."""
+
+    can_checkpoint = False
+
+    async def checkpoint(self, dest: Path) -> None:
+        raise SandboxError("this tier cannot save processes and memory to disk")
 
 
 class Runtime(Protocol):

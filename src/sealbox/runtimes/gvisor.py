@@ -24,7 +24,14 @@ from sealbox._sys.spawn import enter_netns
 from sealbox.errors import RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
 from sealbox.runtimes import probe_cache, seccomp
-from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, kill_child, launched
+from sealbox.runtimes.base import (
+    ExitInfo,
+    LaunchSpec,
+    NoCheckpoint,
+    Probe,
+    kill_child,
+    launched,
+)
 from sealbox.runtimes.layers import layer_binds, mount_layer, unmount_layer
 from sealbox.runtimes.namespace import (
     MASKED_DIRS,
@@ -204,7 +211,7 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
     }
 
 
-class GvisorSandbox:
+class GvisorSandbox(NoCheckpoint):
     def __init__(self, spec: LaunchSpec) -> None:
         self.spec = spec
         self.sandbox_id = spec.sandbox_id

@@ -9,7 +9,8 @@ guest, sized by the disk limit and counted in its memory.
 QEMU itself runs as an unprivileged per-sandbox uid, under its seccomp sandbox, inside the
 sandbox's network namespace and cgroup (guest memory plus overhead). Limits inside the guest:
 memory is the VM size, CPUs the vCPU count and the cgroup quota, pids an RLIMIT_NPROC of the
-sandbox user. What it does not defend against: bugs in QEMU's device models reachable from
+sandbox user. Pause saves the whole VM to disk (`checkpoint`, QMP migrate to a file) and a
+later launch restores it (`LaunchSpec.restore`). What it does not defend against: bugs in QEMU's device models reachable from
 the guest (virtio-mmio blk/net/serial, serial port, TCG itself) combined with a host-kernel
 bug reachable under QEMU's seccomp filter; a host ``workspace`` directory is not shared.
 """
@@ -17,6 +18,9 @@ bug reachable under QEMU's seccomp filter; a host ``workspace`` directory is not
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import json
 import logging
 import math
 import os
@@ -38,7 +42,7 @@ from sealbox.guest.client import GuestClient
 from sealbox.runtimes import microvm_snapshot, probe_cache
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe, kill_child, launched
 from sealbox.runtimes.microvm_image import Assets, sandbox_archive
-from sealbox.runtimes.microvm_snapshot import NULL_NETDEV, Template
+from sealbox.runtimes.microvm_snapshot import NULL_NETDEV, SAVE_ARGS, Template
 from sealbox.runtimes.namespace import (
     GUEST_FILES,
     HOST_UID_BASE,
@@ -57,6 +61,12 @@ KVM_PROBE_TIMEOUT = 3.0
 TCG_PROBE_TIMEOUT = 60.0
 BOOT_TIMEOUT = 90.0
 CONSOLE_LOG_CAP = 1 << 20
+# Saving a paused VM: a fixed allowance plus its memory at a slow disk's pace.
+SAVE_TIMEOUT = 60.0
+SAVE_RATE = 100 << 20
+# A checkpoint (see `MicrovmSandbox.checkpoint`): the saved VM, the initramfs it booted from
+# (its bytes are part of the machine), and what a restore must match.
+STATE, INITRD, MACHINE = "state.bin", "initrd.img", "machine.json"
 _PORT = "/dev/virtio-ports/sealbox"
 _SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 # VM sizes (memory, vCPUs) restored from a template snapshot; others boot cold.
@@ -108,6 +118,11 @@ def _accel(name: str) -> Accel:
                  f"tsc_early_khz={khz}" if khz else "")
 
 
+def ctl_socket(agent_socket: Path) -> Path:
+    """The host end of guest root's control port (see /init), next to the agent's."""
+    return agent_socket.with_name("ctl.sock")
+
+
 def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: int, vcpus: int,
               netdev: str | None = None, mac: str | None = None) -> list[str]:
     """NETDEV is the network card's ``-netdev`` backend (none: no card)."""
@@ -124,6 +139,8 @@ def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: in
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=sealbox",
+        "-chardev", f"socket,id=ctl,path={ctl_socket(sock)},server=on,wait=off",
+        "-device", "virtserialport,chardev=ctl,name=sealbox-ctl",
     ]
     if netdev is not None:
         mac = mac or "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
@@ -349,6 +366,15 @@ class MicrovmRuntime:
         sandbox's network namespace: the engine's cleanup of both covers it."""
 
 
+async def _open_unix(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to one of QEMU's sockets, waiting for QEMU to create it."""
+    while True:
+        try:
+            return await asyncio.open_unix_connection(str(path), limit=1 << 22)
+        except (FileNotFoundError, ConnectionRefusedError):
+            await asyncio.sleep(0.05)
+
+
 class MicrovmSandbox:
     def __init__(self, spec: LaunchSpec, assets: Assets, accel: Accel) -> None:
         self.spec = spec
@@ -366,13 +392,25 @@ class MicrovmSandbox:
         self._state_fd: int | None = None
         self._identity: Identity | None = None
         """Set when restored from a template: sent to the guest on connect."""
+        self._net: tap.GuestNet | None = None
+        self._initrd: Path | None = None
+        self._card = False
+        """Whether the VM has a network card (a checkpoint's restore needs the same devices)."""
         self.boot = ""
-        """``restored from template KEY`` or ``cold boot (why)``: how this VM started."""
+        """``restored from template KEY``, ``cold boot (why)`` or from a checkpoint."""
         self._killed = False
 
     @property
     def socket_path(self) -> Path:
         return self._private / "agent.sock"
+
+    @property
+    def qmp_path(self) -> Path:
+        return self._private / "qmp.sock"
+
+    @property
+    def vcpus(self) -> int:
+        return max(1, math.ceil(self.spec.limits.cpus or 1))
 
     @property
     def memory(self) -> int:
@@ -385,32 +423,67 @@ class MicrovmSandbox:
         self._private.mkdir(mode=0o700, exist_ok=True)
         os.chown(self._private, self._uid, self._uid)
         lim = spec.limits
-        vcpus = max(1, math.ceil(lim.cpus or 1))
-        template, why_cold = template_for(self.assets, self.accel, self.memory, vcpus)
-        net = tap.guest_net(spec.netns)
+        vcpus = self.vcpus
+        template, why_cold = (None, "") if spec.restore else template_for(
+            self.assets, self.accel, self.memory, vcpus)
+        net = self._net = tap.guest_net(spec.netns)
         if net is not None:
             self._tap = True
             tap.bridge_tap(spec.netns)
             self._tap_fd = tap.open_tap(spec.netns)
         netdev = None if self._tap_fd is None else f"tap,id=net0,fd={self._tap_fd}"
         self.cgroup.create(lim.cpus, self.memory + VMM_OVERHEAD, VMM_PIDS)
+        if spec.restore is not None:
+            return self._restore_args(spec.restore, vcpus, netdev)
         if template is not None:
             self.boot = f"restored from template {template.dir.name}"
             self._identity = identity(spec, net)
             # Root opens the saved state; QEMU (unprivileged) only reads the descriptor.
             self._state_fd = os.open(template.state, os.O_RDONLY | os.O_CLOEXEC)
+            self._initrd, self._card = template.initrd, True
             return qemu_args(self.assets, self.accel, template.initrd, self.socket_path,
                              self.memory, vcpus, netdev or NULL_NETDEV, TEMPLATE_MAC
                              ) + ["-incoming", f"fd:{self._state_fd}"]
         self.boot = f"cold boot ({why_cold})"
         initrd = self._private / "initrd.img"
         _write_initrd(initrd, self.assets, guest_files(spec, net))
+        self._initrd, self._card = initrd, netdev is not None
         return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
                          netdev)
+
+    def _machine_key(self, vcpus: int, card: bool) -> str:
+        qemu = shutil.which(QEMU)
+        assert qemu is not None  # the probe found it
+        return microvm_snapshot.machine_key(
+            qemu_args(self.assets, self.accel, Path("initrd"), Path("sock"), self.memory, vcpus,
+                      NULL_NETDEV if card else None, TEMPLATE_MAC),
+            [self.assets.kernel, self.assets.usr_image, Path(qemu)])
+
+    def _restore_args(self, checkpoint: Path, vcpus: int, netdev: str | None) -> list[str]:
+        try:
+            saved = json.loads((checkpoint / MACHINE).read_text())
+            card = bool(saved["card"])
+            if saved["key"] != self._machine_key(vcpus, card):
+                raise SandboxError("this paused microVM was saved by another QEMU, kernel, /usr "
+                                   "image or VM size than this host has now; it cannot be "
+                                   "restored (kill it)")
+            # QEMU (unprivileged) cannot read the root-only checkpoint directory.
+            initrd = self._private / INITRD
+            shutil.copyfile(checkpoint / INITRD, initrd)
+            initrd.chmod(0o644)
+            self._state_fd = os.open(checkpoint / STATE, os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, ValueError, KeyError) as exc:
+            raise SandboxError(f"the paused microVM's saved state is unreadable: {exc}") from exc
+        self._initrd, self._card = initrd, card
+        self.boot = "restored from its pause checkpoint"
+        return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
+                         (netdev or NULL_NETDEV) if card else None, TEMPLATE_MAC
+                         ) + ["-incoming", f"fd:{self._state_fd}"]
 
     async def launch(self) -> None:
         loop = asyncio.get_running_loop()
         args = await loop.run_in_executor(None, self._setup)
+        args += [*SAVE_ARGS, "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         self.proc = await asyncio.create_subprocess_exec(
             *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             preexec_fn=tap.enter_vmm(self.spec.netns, self.cgroup, self._uid,
@@ -463,13 +536,10 @@ class MicrovmSandbox:
         raise SandboxError(f"microVM {why}: {self.console()[-2000:] or 'no console output'}")
 
     async def _connect(self) -> GuestClient:
-        while True:
-            try:
-                reader, writer = await asyncio.open_unix_connection(str(self.socket_path),
-                                                                    limit=1 << 22)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                await asyncio.sleep(0.05)
+        if self.spec.restore is not None:
+            await self._reconfigure()
+            return await self._reconnect()
+        reader, writer = await _open_unix(self.socket_path)
         client: GuestClient | None = None
         try:
             if self._identity is not None:
@@ -487,6 +557,45 @@ class MicrovmSandbox:
                 writer.close()
             raise
         return client
+
+    async def _reconfigure(self) -> None:
+        """A restored checkpoint's guest still has the clock and addresses of its pause: guest
+        root sets those of now (see /init) before anything else talks to it."""
+        net = self._net
+        resolv = self.spec.ro_files.get("/etc/resolv.conf")
+        line = " ".join([
+            str(round(time.time())), net.address if net else "-", net.gateway if net else "-",
+            base64.b64encode(resolv.read_bytes() if resolv else b"").decode() or "-"]) + "\n"
+        reader, writer = await _open_unix(ctl_socket(self.socket_path))
+        try:
+            while (said := await reader.readline()) == b"ready\n" and line:
+                writer.write(line.encode())
+                await writer.drain()
+                line = ""
+            if said != b"ok\n":
+                raise SandboxError("the restored microVM did not take its new clock and "
+                                   f"network: {said.decode(errors='replace').strip() or 'EOF'}")
+        finally:
+            writer.close()
+
+    async def _reconnect(self) -> GuestClient:
+        """The agent's channel after a restore. The agent reopens its port when it sees the
+        old host gone, and a port's close drops what arrived just before: ping until heard."""
+        while True:
+            client = await GuestClient.from_streams(*await _open_unix(self.socket_path))
+            try:
+                for _ in range(5):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(client.ping(), 1.0)
+                        return client
+                    if client.closed:
+                        break
+            except SandboxError:
+                pass
+            except BaseException:
+                client.abort()
+                raise
+            await client.close()
 
     def limit_events(self) -> dict[str, int]:
         # Guest OOM kills are printed on its console; the VMM's own show in its cgroup.
@@ -529,6 +638,28 @@ class MicrovmSandbox:
         if self._tap:
             tap.remove_tap(self.spec.netns)
         shutil.rmtree(self._private, ignore_errors=True)
+
+    can_checkpoint = True
+
+    async def checkpoint(self, dest: Path) -> None:
+        """Stop the VM and save it into DEST (a new directory): memory, devices, and what a
+        restore must match. It stays stopped; `kill` then frees it. On failure it runs on."""
+        await asyncio.get_running_loop().run_in_executor(None, self._checkpoint, dest)
+
+    def _checkpoint(self, dest: Path) -> None:
+        assert self._initrd is not None
+        dest.mkdir(mode=0o700)
+        shutil.copyfile(self._initrd, dest / INITRD)
+        (dest / MACHINE).write_text(json.dumps(
+            {"key": self._machine_key(self.vcpus, self._card), "card": self._card}))
+        deadline = time.monotonic() + SAVE_TIMEOUT + self.memory / SAVE_RATE
+        with microvm_snapshot.qmp_session(self.qmp_path, deadline) as qmp:
+            try:
+                microvm_snapshot.save(qmp, dest / STATE, deadline)
+            except BaseException:
+                with contextlib.suppress(OSError, SandboxError):
+                    qmp.call("cont")
+                raise
 
     async def pause(self) -> None:
         self.cgroup.freeze(True)

@@ -53,7 +53,7 @@ _SETUP_FROM, _SETUP_TO = ". /.init/sandbox/config.sh\n", "cd /workspace\n"
 
 # Saved stopped, for a consistent state; without the run state in the stream a restored VM
 # starts running at once instead of staying paused like its source.
-_SAVE_ARGS = ("-global", "migration.store-global-state=off")
+SAVE_ARGS = ("-global", "migration.store-global-state=off")
 
 
 def enabled() -> bool:
@@ -79,14 +79,20 @@ def template_files() -> dict[str, bytes]:
     return files
 
 
-def template_key(qemu_argv: list[str], inputs: list[Path]) -> str:
-    """Changes whenever a restore could not match the saved state: QEMU's command line
-    (device model, memory, vCPUs, kernel command line), the files behind it, the guest code."""
+def machine_key(qemu_argv: list[str], inputs: list[Path]) -> str:
+    """Changes whenever a restore could not match a saved state: QEMU's command line (device
+    model, memory, vCPUs, kernel command line) and the files behind it."""
     h = hashlib.sha256()
-    h.update(json.dumps([*qemu_argv, *_SAVE_ARGS]).encode())
+    h.update(json.dumps([*qemu_argv, *SAVE_ARGS]).encode())
     for p in inputs:
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def template_key(qemu_argv: list[str], inputs: list[Path]) -> str:
+    """`machine_key`, and the guest code the template runs."""
+    h = hashlib.sha256(machine_key(qemu_argv, inputs).encode())
     for name, data in sorted(template_files().items()):
         h.update(name.encode() + hashlib.sha256(data).digest())
     return h.hexdigest()[:24]
@@ -146,35 +152,23 @@ def _build(t: Template, build_args: BuildArgs, uid: int, groups: tuple[int, ...]
     sockets.mkdir(mode=0o700)
     os.chown(sockets, uid, uid)
     agent_sock, qmp_sock = sockets / "agent.sock", sockets / "qmp.sock"
-    args = build_args(t.initrd, agent_sock) + [*_SAVE_ARGS,
+    args = build_args(t.initrd, agent_sock) + [*SAVE_ARGS,
                                                "-qmp", f"unix:{qmp_sock},server=on,wait=off"]
     deadline = time.monotonic() + BUILD_TIMEOUT
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, user=uid, group=uid,
                             extra_groups=list(groups))
+
+    def alive() -> bool:
+        return proc.poll() is None
+
     try:
-        with _connect(agent_sock, proc, deadline) as agent, \
-                _connect(qmp_sock, proc, deadline) as qmp_conn:
+        with _connect(agent_sock, alive, deadline) as agent:
             agent.settimeout(max(0.1, deadline - time.monotonic()))
             if agent.makefile("rb").readline() != identity.READY:
                 raise SandboxError("template VM did not reach its identity step")
-            qmp = _Qmp(qmp_conn)
-            qmp.call("qmp_capabilities")
-            qmp.call("stop")
-            qmp.call("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH})
-            fd = os.open(t.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                qmp.call("getfd", {"fdname": "state"}, fd=fd)
-            finally:
-                os.close(fd)
-            qmp.call("migrate", {"uri": "fd:state"})
-            while (status := qmp.call("query-migrate").get("status")) not in (
-                    "completed", "failed", "cancelled"):
-                if time.monotonic() > deadline:
-                    raise SandboxError("saving the template VM timed out")
-                time.sleep(0.05)
-            if status != "completed":
-                raise SandboxError(f"saving the template VM failed: {status}")
+            with qmp_session(qmp_sock, deadline, alive) as qmp:
+                save(qmp, t.state, deadline)
     except (OSError, SandboxError) as exc:
         proc.kill()
         out = proc.communicate()[0].decode(errors="replace").strip()
@@ -185,9 +179,39 @@ def _build(t: Template, build_args: BuildArgs, uid: int, groups: tuple[int, ...]
         shutil.rmtree(sockets, ignore_errors=True)
 
 
+def save(qmp: Qmp, state: Path, deadline: float) -> None:
+    """Stop the VM and save it (devices and memory) to STATE; it stays stopped. Root opens
+    the file and hands QEMU (unprivileged) only the descriptor."""
+    qmp.call("stop")
+    qmp.call("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH})
+    fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        qmp.call("getfd", {"fdname": "state"}, fd=fd)
+    finally:
+        os.close(fd)
+    qmp.call("migrate", {"uri": "fd:state"})
+    while (status := qmp.call("query-migrate").get("status")) not in (
+            "completed", "failed", "cancelled"):
+        if time.monotonic() > deadline:
+            qmp.call("migrate_cancel")
+            raise SandboxError("saving the VM timed out")
+        time.sleep(0.02)
+    if status != "completed":
+        raise SandboxError(f"saving the VM failed: {status}")
+
+
 @contextlib.contextmanager
-def _connect(path: Path, proc: subprocess.Popen[bytes], deadline: float
-             ) -> Iterator[socket.socket]:
+def qmp_session(path: Path, deadline: float, alive: Callable[[], bool] = lambda: True
+                ) -> Iterator[Qmp]:
+    """A QMP connection to the QEMU listening at PATH, past its capabilities handshake."""
+    with _connect(path, alive, deadline) as conn:
+        qmp = Qmp(conn)
+        qmp.call("qmp_capabilities")
+        yield qmp
+
+
+@contextlib.contextmanager
+def _connect(path: Path, alive: Callable[[], bool], deadline: float) -> Iterator[socket.socket]:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with s:
         while True:
@@ -195,14 +219,14 @@ def _connect(path: Path, proc: subprocess.Popen[bytes], deadline: float
                 s.connect(str(path))
                 break
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SandboxError("template VM exited or did not start") from None
+                if not alive() or time.monotonic() > deadline:
+                    raise SandboxError("the VM exited or did not start") from None
                 time.sleep(0.05)
         s.settimeout(max(0.1, deadline - time.monotonic()))
         yield s
 
 
-class _Qmp:
+class Qmp:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._file = sock.makefile("rb")

@@ -20,7 +20,14 @@ from sealbox._sys.cgroups import Cgroup
 from sealbox._sys.spawn import enter_sandbox
 from sealbox.errors import RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
-from sealbox.runtimes.base import ExitInfo, LaunchSpec, Probe, kill_child, launched
+from sealbox.runtimes.base import (
+    ExitInfo,
+    LaunchSpec,
+    NoCheckpoint,
+    Probe,
+    kill_child,
+    launched,
+)
 from sealbox.runtimes.layers import mount_layer, unmount_layer
 from sealbox.runtimes.seccomp import bpf_program
 
@@ -139,7 +146,7 @@ class NamespaceRuntime:
         """Nothing beyond the cgroup and run directory, which the engine removes."""
 
 
-class NamespaceSandbox:
+class NamespaceSandbox(NoCheckpoint):
     def __init__(self, spec: LaunchSpec) -> None:
         self.spec = spec
         self.sandbox_id = spec.sandbox_id
