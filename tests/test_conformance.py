@@ -77,10 +77,6 @@ GVISOR_PIDS = (
     "sampled, so the end reason does not name the process limit (the bomb is contained)")
 KNOWN_BUGS: dict[tuple[str, str], str] = {
     ("pids_limit", "gvisor"): GVISOR_PIDS,
-    ("pids_limit", "microvm"): (
-        "microvm: the fork bomb is contained ('/bin/sh: 0: Cannot fork', sandbox usable) but "
-        "ExecResult.limit is None: the guest-side process limit is never reported as "
-        "'process limit reached', unlike the namespace tier"),
 }
 
 

@@ -101,6 +101,31 @@ async def test_guest_kernel_memory_files_and_network(engine: Engine) -> None:
     assert not _host_qemu_pids(sid)
 
 
+ESCAPE_PIDS_CGROUP = (
+    "for t in 'echo 100000 > /.init/cgroup/sandbox/pids.max' "
+    "'echo $$ > /.init/cgroup/cgroup.procs' 'echo max > /.init/cgroup/sandbox/pids.max' "
+    "'mkdir /.init/cgroup/mine' 'umount /.init/cgroup'; do "
+    "sh -c \"$t\" 2>/dev/null && echo \"ESCAPED: $t\"; done; "
+    "cat /.init/cgroup/sandbox/pids.max; grep -c . /.init/cgroup/sandbox/cgroup.procs >/dev/null"
+    " && grep -qx \"$$\" /.init/cgroup/sandbox/cgroup.procs && echo inside")
+
+
+@needs_assets
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("memory", ["512MiB", "256MiB"], ids=["restored", "cold-boot"])
+async def test_pids_limit_is_a_guest_cgroup_the_sandbox_cannot_leave(engine: Engine,
+                                                                     memory: str) -> None:
+    """Restored from the snapshot template (512 MiB) or booted cold (256 MiB), the sandbox's
+    processes sit in a pids cgroup whose limit they can read but not raise or leave."""
+    info = await engine.create(SandboxSpec(runtime="microvm", memory=memory, pids=64))
+    try:
+        r = await engine.run(info.id, ExecRequest(cmd=ESCAPE_PIDS_CGROUP))
+        assert "ESCAPED" not in r.stdout, r
+        assert r.stdout.split() == ["64", "inside"], r
+    finally:
+        await engine.kill(info.id)
+
+
 @needs_assets
 @pytest.mark.slow
 @pytest.mark.timeout(300)

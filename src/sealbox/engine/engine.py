@@ -747,7 +747,7 @@ class Engine:
     def _result(self, live: _Live, before: dict[str, int], status: ExitStatus,
                 stdout: _Capped, stderr: _Capped) -> ExecResult:
         after = live.runtime.limit_events()
-        limit = next((k for k, v in after.items() if v > before.get(k, 0)), None)
+        limit = next((k for k, v in after.items() if v > before.get(k, 0)), status.limit)
         killed = status.signal is not None or status.exit_code > 128
         if limit == "memory" and not killed:
             limit = None  # an OOM kill elsewhere in the sandbox did not end this command

@@ -192,10 +192,21 @@ class PumpState:
 
 
 class Agent:
-    def __init__(self, workspace: str) -> None:
+    def __init__(self, workspace: str, pids_events: str | None = None) -> None:
         self.workspace = workspace
+        self.pids_events = pids_events
         self.procs: dict[int, Proc] = {}
         self.tasks: set[asyncio.Task[None]] = set()  # background execs outlive connections
+
+    def refused_forks(self) -> int:
+        """Forks the sandbox's pids cgroup has refused so far (where the agent knows it)."""
+        if self.pids_events is None:
+            return 0
+        try:
+            with open(self.pids_events) as f:
+                return next((int(v) for k, v in (line.split() for line in f) if k == "max"), 0)
+        except (OSError, ValueError):
+            return 0
 
     def path(self, msg: dict[str, Any], key: str = "path") -> str:
         return os.path.join(self.workspace, get_str(msg, key))
@@ -626,6 +637,7 @@ class ExecOp(StreamOp):
         finally:
             for fd in child:
                 os.close(fd)
+        refused = self.conn.agent.refused_forks()
         proc = self.proc = Proc(process.pid, self.argv)
         self.conn.agent.add_proc(proc)
         self.conn.send_nowait({"ev": "started", "id": self.mid, "pid": proc.pid})
@@ -650,7 +662,10 @@ class ExecOp(StreamOp):
                 os.close(self.master)
                 self.master = None
             proc.done.set()
-        self.conn.send_nowait(proc.exit_event(self.mid))
+        event = proc.exit_event(self.mid)
+        if self.conn.agent.refused_forks() > refused:
+            event["limit"] = "pids"
+        self.conn.send_nowait(event)
 
     def expire(self) -> None:
         if self.proc is not None:
@@ -722,8 +737,10 @@ def main(argv: list[str] | None = None) -> None:
     where.add_argument("--serial", help="a character device (virtio-serial port) as the stream")
     where.add_argument("--stdio", action="store_true", help="one connection on stdin/stdout")
     parser.add_argument("--workspace", default="/workspace", help="base of relative paths")
+    parser.add_argument("--pids-events", help="the sandbox's pids cgroup's pids.events: a "
+                        "command during which it counts a refused fork ends with limit 'pids'")
     args = parser.parse_args(argv)
-    agent = Agent(os.path.abspath(args.workspace))
+    agent = Agent(os.path.abspath(args.workspace), args.pids_events)
     if args.listen_fd is not None:
         run = agent.serve_listener(socket.socket(fileno=args.listen_fd))
     elif args.listen_unix:

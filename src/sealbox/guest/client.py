@@ -32,6 +32,8 @@ class ExitStatus:
     code: int | None
     signal: int | None
     timed_out: bool = False
+    limit: str | None = None
+    """A limit the guest saw bite during the command (``pids``: a fork was refused)."""
 
     @property
     def exit_code(self) -> int:
@@ -87,7 +89,8 @@ def _exit_status(header: dict[str, Any]) -> ExitStatus:
     code, sig = header.get("code"), header.get("signal")
     return ExitStatus(code=None if code is None else int(code),
                       signal=None if sig is None else int(sig),
-                      timed_out=bool(header.get("timed_out")))
+                      timed_out=bool(header.get("timed_out")),
+                      limit="pids" if header.get("limit") == "pids" else None)
 
 
 def _file_info(entry: dict[str, Any]) -> FileInfo:

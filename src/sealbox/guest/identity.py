@@ -20,7 +20,6 @@ import fcntl
 import json
 import os
 import random
-import resource
 import socket
 import struct
 import subprocess
@@ -35,6 +34,9 @@ else:  # run as a script from /.sealbox/, next to agent.py (-I leaves the script
     import agent  # type: ignore[import-not-found, no-redef]
 
 PORT = "/dev/virtio-ports/sealbox"
+CGROUP = "/.init/cgroup/sandbox"
+"""The sandbox's pids cgroup, which /init made."""
+PIDS_EVENTS = CGROUP + "/pids.events"
 SANDBOX_UID = 1000
 BUSYBOX = "/.init/busybox"
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the CRNG from the input pool now
@@ -89,7 +91,10 @@ def apply(msg: dict[str, Any]) -> None:
     subprocess.run([BUSYBOX, "sh", "-ec", "\n".join(script), "sh", msg["disk"],
                     msg["address"], msg["gateway"]], check=True, stdin=subprocess.DEVNULL)
     if msg["nproc"]:
-        resource.setrlimit(resource.RLIMIT_NPROC, (msg["nproc"], msg["nproc"]))
+        with open(os.path.join(CGROUP, "pids.max"), "w") as f:
+            f.write(str(int(msg["nproc"])))
+    with open(os.path.join(CGROUP, "cgroup.procs"), "w") as f:
+        f.write("0")  # this process, which becomes the agent
 
 
 def become_sandbox_user(env: dict[str, str]) -> None:
@@ -114,7 +119,7 @@ def main() -> None:
     os.write(fd, b"ok\n")
     become_sandbox_user(msg["env"])
     # The agent keeps the port open: closing it would drop the host's first request.
-    asyncio.run(agent.Agent("/workspace").serve_serial(PORT, fd))
+    asyncio.run(agent.Agent("/workspace", PIDS_EVENTS).serve_serial(PORT, fd))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ guest, sized by the disk limit and counted in its memory.
 
 QEMU itself runs as an unprivileged per-sandbox uid, under its seccomp sandbox, inside the
 sandbox's network namespace and cgroup (guest memory plus overhead). Limits inside the guest:
-memory is the VM size, CPUs the vCPU count and the cgroup quota, pids an RLIMIT_NPROC of the
-sandbox user. Pause saves the whole VM to disk (`checkpoint`, QMP migrate to a file) and a
+memory is the VM size, CPUs the vCPU count and the cgroup quota, pids a pids cgroup in the
+guest around the agent and everything it starts. Pause saves the whole VM to disk (`checkpoint`, QMP migrate to a file) and a
 later launch restores it (`LaunchSpec.restore`). What it does not defend against: bugs in QEMU's device models reachable from
 the guest (virtio-mmio blk/net/serial, serial port, TCG itself) combined with a host-kernel
 bug reachable under QEMU's seccomp filter; a host ``workspace`` directory is not shared.
@@ -39,6 +39,7 @@ from sealbox._sys import tap
 from sealbox._sys.cgroups import Cgroup
 from sealbox.errors import ConfigError, RuntimeUnavailable, SandboxError
 from sealbox.guest.client import GuestClient
+from sealbox.guest.identity import PIDS_EVENTS
 from sealbox.runtimes import microvm_snapshot, probe_cache
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe, kill_child, launched
 from sealbox.runtimes.microvm_image import Assets, sandbox_archive
@@ -178,7 +179,8 @@ def guest_files(spec: LaunchSpec, net: tap.GuestNet | None) -> dict[str, bytes]:
     """The per-sandbox archive of a cold boot: start-up settings, agent, identity files."""
     ident = identity(spec, net)
     argv = [f"{k}={v}" for k, v in ident.env.items()]
-    argv += ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--serial", _PORT]
+    argv += ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--serial", _PORT,
+             "--pids-events", PIDS_EVENTS]
     config = "".join(f"{k}={shlex.quote(v)}\n" for k, v in ident.settings.items())
     config += f"set -- {shlex.join(argv)}\n"
     files = {".init/sandbox/config.sh": config.encode()}

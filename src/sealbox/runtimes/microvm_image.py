@@ -69,6 +69,12 @@ for p in /sys/class/virtio-ports/*; do
   [ "$name" = sealbox-ctl ] || chown 1000:1000 "$port"
 done
 umount /sys
+# The sandbox's processes live in a pids cgroup of their own: its pids.events tells the agent
+# (which may read it, not write it) when the process limit refused a fork.
+mkdir -p /.init/cgroup
+mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /.init/cgroup \
+  && echo +pids > /.init/cgroup/cgroup.subtree_control && mkdir /.init/cgroup/sandbox \
+  || echo "init: no pids cgroup"
 # Root's channel from the host, for what the unprivileged agent cannot do when a paused VM is
 # restored: set the clock, take the new network's addresses. A write blocks until a host is
 # connected and a read sees EOF while none is, so the loop never spins.
@@ -94,9 +100,12 @@ fi
 # Only guest root could use these; the sandbox user gets nothing from them either way.
 rm -rf /.init/modules /.init/sandbox
 cd /workspace
-[ -z "$SBX_NPROC" ] || ulimit -u "$SBX_NPROC"
-/usr/bin/setpriv --reuid 1000 --regid 1000 --clear-groups --no-new-privs \
-  /usr/bin/env -i "$@" </dev/null &
+[ -z "$SBX_NPROC" ] || echo "$SBX_NPROC" > /.init/cgroup/sandbox/pids.max
+(
+  echo 0 > /.init/cgroup/sandbox/cgroup.procs
+  exec /usr/bin/setpriv --reuid 1000 --regid 1000 --clear-groups --no-new-privs \
+    /usr/bin/env -i "$@"
+) </dev/null &
 # wait also reaps orphans re-parented to PID 1 while the agent runs.
 wait
 echo "init: agent exited"
