@@ -66,28 +66,18 @@ TIER_DIFFERENCES = {
               "microvm boots a guest kernel",
     "oom": "namespace and microvm kill only the command (sandbox usable after); gvisor may "
            "lose the whole sandbox, which then ends with an out-of-memory reason",
-}
-
-
-# Product bugs this suite found: strict xfails, so a fix turns them into failures to remove.
-GVISOR_PIDS = (
-    "gVisor (ptrace platform): the host pids cgroup counts runsc's Go threads and one stub "
-    "process per guest address space, so the limit is applied with headroom for runsc; a fork "
-    "bomb then exhausts it and runsc exits with code 2 before the pids.events counter is "
-    "sampled, so the end reason does not name the process limit (the bomb is contained)")
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("pids_limit", "gvisor"): GVISOR_PIDS,
+    "pids": "namespace and microvm refuse the fork (sandbox usable after); on gvisor the host "
+            "pids cgroup (with headroom for runsc's own threads) runs out under runsc, which "
+            "ends the whole sandbox with a process-limit reason",
 }
 
 
 def tiers(case: str) -> list[Any]:
     """pytest params for CASE over every tier: unusable tiers skipped with the probe's reason,
-    microvm cases outside the focused subset marked slow, known product bugs strict xfail."""
+    microvm cases outside the focused subset marked slow."""
     params = []
     for tier in TIERS:
         marks: list[Any] = []
-        if (case, tier) in KNOWN_BUGS:
-            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case, tier]))
         probe = PROBES[tier]
         if not probe.ok:
             marks.append(pytest.mark.skip(reason=f"{tier} tier unavailable: {probe.detail}"))

@@ -44,7 +44,6 @@ from sealbox.runtimes.namespace import (
 
 RUNSC_ROOT = Path("/run/sealbox/runsc")
 RUNSC_THREADS = 256
-SAMPLE_SECONDS = 0.2
 PLATFORMS = ("systrap", "kvm", "ptrace")
 """Fastest first; the first that runs a probe container wins."""
 
@@ -240,6 +239,11 @@ class GvisorSandbox(NoCheckpoint):
             (rootfs / m.sandbox_path.lstrip("/")).mkdir(parents=True, exist_ok=True)
         mount_layer(self.spec)
         (self.bundle / "config.json").write_text(json.dumps(oci_spec(self.spec)))
+        # Made here, runsc joins the cgroup without owning it, so it does not remove it when
+        # the sandbox dies: the counters that say which limit ended it outlive runsc.
+        lim = self.spec.limits
+        Cgroup(self.sandbox_id).create(lim.cpus, lim.memory_bytes,
+                                       lim.pids + RUNSC_THREADS if lim.pids else None)
 
     async def launch(self) -> None:
         self._prepare()
@@ -271,33 +275,17 @@ class GvisorSandbox(NoCheckpoint):
         return client
 
     def limit_events(self) -> dict[str, int]:
-        # runsc puts the sandbox in the cgroup named by cgroupsPath and removes that cgroup
-        # when the sandbox exits, so counters are remembered at their highest.
+        # Remembered at their highest: the engine removes the cgroup when the sandbox ends.
         cg = Cgroup(self.sandbox_id)
         now = {"memory": cg.oom_kills(), "pids": cg.pids_max_hits()}
         self._seen = {k: max(v, self._seen.get(k, 0)) for k, v in now.items()}
         return dict(self._seen)
 
-    async def _sample(self) -> None:
-        while self.proc is not None and self.proc.returncode is None:
-            self.limit_events()
-            await asyncio.sleep(SAMPLE_SECONDS)
-
     async def wait(self) -> ExitInfo:
         if self.proc is None:
             raise SandboxError("sandbox was never started")
-        sampler = asyncio.ensure_future(self._sample())
-        try:
-            code = await self.proc.wait()
-        finally:
-            sampler.cancel()
-        events = self.limit_events()
-        limit = next((k for k, v in events.items() if v > 0), None)
-        oom_suspect = code in (137, -9) and self.spec.limits.memory_bytes is not None
-        if limit is None and oom_suspect and not self._killed:
-            # runsc SIGKILLed from outside while we did not kill it: the cgroup's OOM killer,
-            # between two samples of its counter.
-            limit = "memory"
+        code = await self.proc.wait()
+        limit = next((k for k, v in self.limit_events().items() if v > 0), None)
         return ExitInfo(code=code, limit=limit, detail=self._log())
 
     async def kill(self) -> None:
