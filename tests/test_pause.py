@@ -101,7 +101,7 @@ async def test_timeout_clock_stops_while_paused(engine: Engine) -> None:
     assert gone(info.id) == []
 
 
-@pytest.mark.parametrize("runtime", TIERS)
+@pytest.mark.parametrize("runtime", [*TIERS, "microvm"])
 async def test_kill_while_paused_cleans_everything(engine: Engine, runtime: str,
                                                    data_dir: Path) -> None:
     info = await engine.create(SandboxSpec(runtime=runtime))

@@ -206,6 +206,12 @@ async def test_claim_on_the_other_tiers(engine: Engine, tier: str) -> None:
         assert await sh(engine, info.id, "echo $WHO $KEY") == (0, f"{tier} {placeholder}\n")
         code, out = await sh(engine, info.id, "test ! -e /tmp/marker && touch /tmp/marker")
         assert code == 0, out
+        # What the claim gave reaches its commands after a pause too (microvm: the VM was
+        # saved to disk and restored in a new network namespace).
+        await engine.pause(info.id)
+        assert (await engine.resume(info.id)).resumed_processes is True
+        assert await sh(engine, info.id, "echo $WHO $KEY; cat /tmp/marker && echo kept") == (
+            0, f"{tier} {placeholder}\nkept\n")
     finally:
         await engine.kill(info.id)
     assert gone(info.id) == []

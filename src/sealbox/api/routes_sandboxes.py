@@ -47,8 +47,9 @@ async def kill_sandbox(sandbox_id: str, engine: EngineDep, caller: CallerDep) ->
 
 @router.post("/{sandbox_id}/pause", response_model=SandboxInfo)
 async def pause_sandbox(sandbox_id: str, engine: EngineDep, caller: CallerDep) -> SandboxInfo:
-    """Freeze the sandbox: no CPU, and its timeout clock stops (`paused_at`). Commands are
-    refused (409) until it is resumed. It survives a server restart (see `resume`)."""
+    """Pause the sandbox: no CPU, and its timeout clock stops (`paused_at`). Commands are
+    refused (409) until it is resumed. It survives a server restart (see `resume`); on
+    microvm it is saved to disk whole and its memory freed."""
     return await engine.pause(sandbox_id, owner=caller.owner)
 
 

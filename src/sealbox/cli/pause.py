@@ -14,7 +14,8 @@ IdArg = Annotated[str, typer.Argument(metavar="ID")]
 
 
 def pause(sandbox_id: IdArg) -> None:
-    """Freeze a sandbox: no CPU, its timeout clock stops; it survives a server restart."""
+    """Pause a sandbox: no CPU, its timeout clock stops, it survives a server restart
+    (microvm: saved to disk with its processes, its memory freed)."""
 
     async def main() -> None:
         async with server_backend() as backend:

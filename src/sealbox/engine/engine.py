@@ -424,7 +424,9 @@ class Engine:
 
     # ----- pause and resume (engine/pause.py says what survives what) ----------------------
     async def pause(self, sandbox_id: str, owner: str | None = None) -> SandboxInfo:
-        """Freeze the sandbox (no CPU), stop its clock, and save what can outlive its owner."""
+        """Stop the sandbox's clock and CPU: saved whole to disk where the tier can checkpoint
+        (then removed from the host), frozen in place elsewhere, with what can outlive its
+        owner saved too."""
         live = self._running(sandbox_id, owner)
         async with live.lock:
             info = live.info

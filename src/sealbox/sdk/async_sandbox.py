@@ -246,8 +246,9 @@ class AsyncSandbox:
         return await self._backend.ssh_command(self.id)
 
     async def pause(self) -> SandboxInfo:
-        """Freeze the sandbox: no CPU, and its timeout clock stops. It survives a server
-        restart (with only its /workspace files, unless the tier could keep processes)."""
+        """Pause the sandbox: no CPU, and its timeout clock stops. It survives a server
+        restart: on microvm with its processes and memory (saved to disk, freed on the host),
+        elsewhere with only its /workspace files."""
         self.info = await self._backend.pause(self.id)
         return self.info
 
