@@ -3,6 +3,7 @@ sandbox survives its server being SIGKILLed (with its files; processes where the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from sealbox.engine.config import EngineConfig
 from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, SandboxSpec, SandboxState, VolumeMount
 from sealbox.engine.volumes import VolumeCreate
-from sealbox.errors import ConflictError, SandboxError
+from sealbox.errors import ConflictError, SandboxError, SandboxGone
 from support.server import ADMIN_KEY, start_server
 
 from conftest import gone, sandbox_processes
@@ -312,6 +313,22 @@ def test_microvm_paused_to_disk_survives_server_sigkill_with_its_processes(
         assert gone(sid) == []
     finally:
         assert restarted.stop()
+
+
+async def test_microvm_pause_to_disk_ends_a_running_command_clearly(engine: Engine) -> None:
+    info = await engine.create(SandboxSpec(runtime="microvm", timeout=300))
+    try:
+        running = asyncio.ensure_future(engine.run(info.id, ExecRequest(cmd="sleep 120")))
+        await asyncio.sleep(1)
+        await engine.pause(info.id)
+        with pytest.raises(SandboxGone, match="paused to disk while this command ran"):
+            await running
+        await engine.resume(info.id)
+        r = await engine.run(info.id, ExecRequest(cmd=COUNT_SLEEPS))
+        assert r.stdout == "0\n", r  # ended, as the error said: nothing runs on unseen
+    finally:
+        await engine.kill(info.id)
+    assert gone(info.id) == []
 
 
 async def test_async_sdk_pause_and_resume_by_id(tmp_path: Path) -> None:

@@ -726,6 +726,11 @@ class Engine:
                 await asyncio.wait_for(live.gone.wait(), timeout=15)
             except TimeoutError:
                 raise SandboxGone(f"sandbox {sandbox_id} ended during the command") from None
+            if live.info.state == SandboxState.paused:
+                raise SandboxGone(
+                    f"sandbox {sandbox_id} was paused to disk while this command ran, which "
+                    "ended it (commands started with background=True carry on after resume)",
+                    reason="paused") from None
             raise SandboxGone(f"sandbox {sandbox_id} ended: {live.info.end_reason}",
                               reason=live.info.end_reason) from None
 
