@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -693,12 +694,19 @@ class Bench:
         pauses: list[float] = []
         resumes: list[float] = []
         firsts: list[float] = []
+        held: list[int] = []
+        saved: list[int] = []
         try:
             await self._run(sid, "sleep 3600 >/dev/null 2>&1 &")
             for _ in range(n):
                 t0 = time.perf_counter()
                 await self.engine.pause(sid)
                 t1 = time.perf_counter()
+                # What a paused sandbox holds: host memory (its cgroup's charge; none once
+                # saved to disk) and what pause wrote to the data dir.
+                held.append(cgroup_memory(sid) or 0)
+                saved.append(sum(f.stat().st_size for f in self.engine.paused.dir(sid).rglob("*")
+                                 if f.is_file()))
                 await self.engine.resume(sid)
                 t2 = time.perf_counter()
                 await self._run(sid, ["true"])
@@ -708,8 +716,13 @@ class Bench:
                 firsts.append(t3 - t1)
         finally:
             await self.engine.kill(sid)
-        self.report.add(Row("pause", tier, "s", pauses, "-", [],
-                            note="engine.pause of a sandbox running a background process"))
+        mib = 2**20
+        self.report.add(Row(
+            "pause", tier, "s", pauses, "-", [],
+            note=f"engine.pause of a sandbox running a background process; while paused it "
+                 f"holds {statistics.median(held) / mib:.0f} MiB of host memory and "
+                 f"{statistics.median(saved) / mib:.1f} MiB on disk",
+            extra={"held_memory_bytes": held, "saved_bytes": saved}))
         self.report.add(Row("resume (→ first exec)", tier, "s", firsts, "engine.resume alone",
                             resumes))
 

@@ -50,8 +50,9 @@ def test_guest_config_survives_any_env_value(tmp_path: Path) -> None:
     values = r.stdout.decode().split("\0")[:-1]
     assert values[:5] == ["host-1", "10.0.0.2/30", "10.0.0.1", str(1 << 30), "64"]
     assert f"ODD={odd}" in values
-    assert values[-5:] == ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--serial",
-                           "/dev/virtio-ports/sealbox"]
+    assert values[-7:] == ["/usr/bin/python3", "-I", "/.sealbox/agent.py", "--serial",
+                           "/dev/virtio-ports/sealbox", "--pids-events",
+                           "/.init/cgroup/sandbox/pids.events"]
 
 
 @needs_assets
