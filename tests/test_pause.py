@@ -21,7 +21,7 @@ from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, SandboxSpec, SandboxState, VolumeMount
 from sealbox.engine.volumes import VolumeCreate
 from sealbox.errors import ConflictError, SandboxError, SandboxGone
-from support.server import ADMIN_KEY, start_server
+from support.server import ADMIN_KEY, Server, start_server
 
 from conftest import gone, sandbox_processes
 
@@ -32,6 +32,22 @@ COUNTER = ("i=0; while :; do i=$((i+1)); echo $i > /data/c.new && mv /data/c.new
 COUNT_SLEEPS = ("python3 -c 'import os; print(sum(open(f\"/proc/{p}/cmdline\", \"rb\").read()"
                 ".startswith(b\"sleep\") for p in os.listdir(\"/proc\") if p.isdigit()))'")
 SEALBOX = str(Path(sys.executable).parent / "sealbox")
+
+
+def sigkill_and_restart(server: Server, data: Path) -> Server:
+    """The server dies without any clean-up, and a new one starts on the same data dir."""
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    return start_server(data)
+
+
+def cli_resume(server: Server, sid: str) -> str:
+    """What `sealbox resume SID` prints, run against SERVER (it must succeed)."""
+    env = {**os.environ, "SEALBOX_URL": server.url, "SEALBOX_API_KEY": ADMIN_KEY}
+    r = subprocess.run([SEALBOX, "resume", sid], capture_output=True, text=True, env=env,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def read_counter(path: Path) -> int:
@@ -147,9 +163,7 @@ def test_paused_sandbox_survives_server_sigkill(tmp_path: Path, runtime: str) ->
     assert b"TOKEN" not in saved.read_bytes()
     # The host keeps the sandbox's files as one opaque tar: nothing it wrote is unpacked here.
     assert sorted(p.name for p in saved.parent.iterdir()) == ["resume.json", "workspace.tar"]
-    server.proc.send_signal(signal.SIGKILL)
-    server.proc.wait()
-    restarted = start_server(data)
+    restarted = sigkill_and_restart(server, data)
     try:
         # Still there, still paused; what the dead server ran is cleaned up meanwhile.
         with httpx.Client(base_url=restarted.url, timeout=90, headers=auth) as c:
@@ -162,11 +176,7 @@ def test_paused_sandbox_survives_server_sigkill(tmp_path: Path, runtime: str) ->
         assert gone(sid) == []
         assert secret_value.encode() not in (data / "state.db").read_bytes()
         # `sealbox resume` says plainly that processes did not come back.
-        env = {**os.environ, "SEALBOX_URL": restarted.url, "SEALBOX_API_KEY": ADMIN_KEY}
-        r = subprocess.run([SEALBOX, "resume", sid], capture_output=True, text=True, env=env,
-                           timeout=120)
-        assert r.returncode == 0, r.stderr
-        assert "processes NOT restored" in r.stdout
+        assert "processes NOT restored" in cli_resume(restarted, sid)
         with Sandbox.connect(sid, url=restarted.url, api_key=ADMIN_KEY) as sb:
             assert sb.info.state == SandboxState.running
             assert sb.info.resumed_processes is False
@@ -288,18 +298,12 @@ def test_microvm_paused_to_disk_survives_server_sigkill_with_its_processes(
         member = tar.extractfile("./c")
         assert member is not None
         at_pause = int(member.read())
-    server.proc.send_signal(signal.SIGKILL)
-    server.proc.wait()
-    restarted = start_server(data)
+    restarted = sigkill_and_restart(server, data)
     try:
         with httpx.Client(base_url=restarted.url, timeout=120, headers=auth) as c:
             info = c.get(f"/v1/sandboxes/{sid}").json()
             assert info["state"] == "paused" and info["resume_note"] is None, info
-        env = {**os.environ, "SEALBOX_URL": restarted.url, "SEALBOX_API_KEY": ADMIN_KEY}
-        r = subprocess.run([SEALBOX, "resume", sid], capture_output=True, text=True, env=env,
-                           timeout=180)
-        assert r.returncode == 0, r.stderr
-        assert "processes and memory as they were" in r.stdout
+        assert "processes and memory as they were" in cli_resume(restarted, sid)
         with Sandbox.connect(sid, url=restarted.url, api_key=ADMIN_KEY) as sb:
             assert sb.info.resumed_processes is True
             assert sb.info.secrets["TOKEN"].placeholder == placeholder
