@@ -30,6 +30,7 @@ from sealbox.engine.config import EngineConfig
 from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, SandboxSpec
 from sealbox.engine.templates import TemplateFile, TemplateSpec
+from sealbox.runtimes import registry
 from sealbox.errors import CommandError, ConfigError, NotFoundError, SandboxError
 
 pytestmark = pytest.mark.timeout(600)
@@ -204,7 +205,26 @@ async def test_build_and_use_on_namespace(tengine: Engine, tmp_path: Path,
     assert [e["title"] for e in events if e["type"] == "step"][:2] == [
         "apt-get update", "apt install sealbox-hello"]
     assert any(r.startswith(DEB_HOST) for r in packages.requests)
-    sb = await tengine.create(SandboxSpec(runtime="namespace", template="py-data"))
+    microvm = registry.get("microvm").probe()
+    for tier in ["namespace"] + (["microvm"] if microvm.ok else []):
+        await check_py_data(tengine, tier)
+    # No set-id file and nothing but root ownership reached the layer on the host.
+    layer = tengine.templates.dir(info.hash) / "layer"
+    for p in layer.rglob("*"):
+        st = p.lstat()
+        assert st.st_uid == 0 and not st.st_mode & 0o6000, p
+    # A sandbox without the template does not see it.
+    plain = await tengine.create(SandboxSpec(runtime="namespace"))
+    try:
+        code, _ = await sh(tengine, plain.id, "command -v sealbox-hello")
+        assert code != 0
+    finally:
+        await tengine.kill(plain.id)
+
+
+async def check_py_data(tengine: Engine, tier: str) -> None:
+    """What `full_spec` installed works in a sandbox of TIER, read-only."""
+    sb = await tengine.create(SandboxSpec(runtime=tier, template="py-data"))
     try:
         assert sb.template == "py-data"
         code, out = await sh(tengine, sb.id, "sealbox-hello")
@@ -225,20 +245,8 @@ async def test_build_and_use_on_namespace(tengine: Engine, tmp_path: Path,
             assert code != 0, path
         code, _ = await sh(tengine, sb.id, "rm -f /usr/bin/sealbox-hello")
         assert code != 0
-        # No set-id file and nothing but root ownership reached the layer on the host.
-        layer = tengine.templates.dir(info.hash) / "layer"
-        for p in layer.rglob("*"):
-            st = p.lstat()
-            assert st.st_uid == 0 and not st.st_mode & 0o6000, p
     finally:
         await tengine.kill(sb.id)
-    # A sandbox without the template does not see it.
-    plain = await tengine.create(SandboxSpec(runtime="namespace"))
-    try:
-        code, _ = await sh(tengine, plain.id, "command -v sealbox-hello")
-        assert code != 0
-    finally:
-        await tengine.kill(plain.id)
 
 
 async def test_cache_hit_and_changed_input(tengine: Engine, tmp_path: Path) -> None:
@@ -267,7 +275,7 @@ async def test_cache_hit_and_changed_input(tengine: Engine, tmp_path: Path) -> N
 
 
 async def test_gvisor_sees_the_layer(tengine: Engine) -> None:
-    probe = __import__("sealbox.runtimes.registry", fromlist=["get"]).get("gvisor").probe()
+    probe = registry.get("gvisor").probe()
     if not probe.ok:
         pytest.skip(probe.detail)
     await tengine.build_template(TemplateSpec(name="gv", run=["echo gv > /opt/gv.txt"],
@@ -296,13 +304,41 @@ async def test_gvisor_sees_the_layer(tengine: Engine) -> None:
         await tengine.kill(ns.id)
 
 
-async def test_microvm_refuses_layers_but_takes_workspace_snapshots(tengine: Engine) -> None:
-    await tengine.build_template(TemplateSpec(name="mv", run=["touch /opt/mv"]))
-    with pytest.raises(ConfigError, match="microvm"):
-        await tengine.create(SandboxSpec(runtime="microvm", template="mv"))
-    probe = __import__("sealbox.runtimes.registry", fromlist=["get"]).get("microvm").probe()
+async def test_microvm_boots_layers_and_workspace_snapshots(tengine: Engine) -> None:
+    probe = registry.get("microvm").probe()
     if not probe.ok:
         pytest.skip(probe.detail)
+    # A layer with new files in /usr, /opt and /etc, a changed /etc file, and a deleted host
+    # file (a whiteout): the VM shows it as the other tiers do, in front of its own dirs.
+    gone_file = "/usr/share/common-licenses/GPL-1"
+    assert Path(gone_file).is_file()  # on the host, and so on the VM's own /usr disk
+    await tengine.build_template(TemplateSpec(name="mv", env={"MV": "1"}, run=[
+        "echo mv > /opt/mv", "echo '#!/bin/sh\necho from-the-layer' > /usr/local/bin/mvhi",
+        "chmod 755 /usr/local/bin/mvhi", "echo conf > /etc/mv.conf",
+        # Replaced, as adduser and dpkg do: a host file is never rewritten in place.
+        "{ cat /etc/passwd; echo 'mvuser:x:4242:4242::/:/bin/false'; } > /etc/passwd.new "
+        "&& mv /etc/passwd.new /etc/passwd", f"rm {gone_file}"]))
+    vm = await tengine.create(SandboxSpec(runtime="microvm", template="mv"))
+    try:
+        code, out = await sh(tengine, vm.id, "cat /opt/mv /etc/mv.conf; mvhi; echo $MV; "
+                                             f"test -e {gone_file} || echo whited-out; "
+                                             "id -un; uname -r")
+        assert code == 0, out
+        lines = out.split()
+        assert lines[:6] == ["mv", "conf", "from-the-layer", "1", "whited-out", "user"], out
+        assert lines[6] != os.uname().release  # the guest kernel: this is the VM
+        # Read-only like the other tiers; this sandbox's own /etc/passwd is in front.
+        for path in ("/opt/mv", "/usr/local/bin/mvhi", "/etc/mv.conf"):
+            code, out = await sh(tengine, vm.id, f"echo x > {path}")
+            assert code != 0, (path, out)
+        code, out = await sh(tengine, vm.id, "grep -c mvuser /etc/passwd")
+        assert out.strip() == "0", out
+        # Paused to disk and restored, the VM gets its layer disk back.
+        await tengine.pause(vm.id)
+        assert (await tengine.resume(vm.id)).resumed_processes is True
+        assert await sh(tengine, vm.id, "cat /opt/mv; mvhi") == (0, "mv\nfrom-the-layer\n")
+    finally:
+        await tengine.kill(vm.id)
     # A template that only fills /workspace has no layer: every tier can start from it.
     ws = await tengine.build_template(TemplateSpec(name="ws-only", run=["echo w > /workspace/w"]))
     assert ws.layer is None

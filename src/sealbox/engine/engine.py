@@ -274,7 +274,7 @@ class Engine:
             metadata=dict(metadata or {}), owner=None if bare else owner,
             volumes=[] if bare else list(spec.volumes), template=spec.template,
         )
-        template = self._template(spec, runtime, owner)  # no await: see the next line
+        template = self._template(spec, owner)  # no await: see the next line
         self._booting += 1  # counted from here, before any await, so the cap cannot be raced
         try:
             self.store.put(info)
@@ -586,15 +586,10 @@ class Engine:
         return info.model_copy(deep=True)
 
     # ----- templates, snapshots, fork (engine/templates.py, template_build.py, snapshots.py) --
-    def _template(self, spec: SandboxSpec, runtime: Runtime, owner: str | None
-                  ) -> Resolved | None:
+    def _template(self, spec: SandboxSpec, owner: str | None) -> Resolved | None:
         if spec.template is None:
             return None
-        template = self.templates.resolve(spec.template, owner)
-        if template.layer is not None and runtime.name == "microvm":
-            raise ConfigError("templates are not supported on the microvm tier yet: use "
-                              "--runtime namespace or gvisor")
-        return template
+        return self.templates.resolve(spec.template, owner)
 
     async def _apply_template(self, guest: GuestClient, template: Resolved) -> None:
         """What a template adds once the agent answers: its /workspace, its start command."""

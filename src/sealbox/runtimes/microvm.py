@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from sealbox.guest.client import GuestClient
 from sealbox.guest.identity import PIDS_EVENTS
 from sealbox.runtimes import microvm_snapshot, probe_cache
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe, kill_child, launched
-from sealbox.runtimes.microvm_image import Assets, sandbox_archive
+from sealbox.runtimes.microvm_image import Assets, ext4_image, sandbox_archive
 from sealbox.runtimes.microvm_snapshot import NULL_NETDEV, SAVE_ARGS, Template
 from sealbox.runtimes.namespace import (
     GUEST_FILES,
@@ -125,8 +126,10 @@ def ctl_socket(agent_socket: Path) -> Path:
 
 
 def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: int, vcpus: int,
-              netdev: str | None = None, mac: str | None = None) -> list[str]:
-    """NETDEV is the network card's ``-netdev`` backend (none: no card)."""
+              netdev: str | None = None, mac: str | None = None,
+              layer_fd: int | None = None) -> list[str]:
+    """NETDEV is the network card's ``-netdev`` backend (none: no card). LAYER_FD: a template
+    layer's image, opened by root (the data dir is not QEMU's to read)."""
     args = [
         QEMU, "-M", "microvm,rtc=on,pit=on", *accel.args, "-m", f"{memory >> 20}M",
         "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -136,13 +139,17 @@ def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: in
         "-append", f"console=ttyS0 panic=-1 quiet {accel.cmdline}".strip(),
         "-serial", "stdio",
         "-drive", f"if=none,id=usr,file={assets.usr_image},format=raw,readonly=on",
-        "-device", "virtio-blk-device,drive=usr",
+        "-device", "virtio-blk-device,drive=usr,serial=sealbox-usr",
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=sealbox",
         "-chardev", f"socket,id=ctl,path={ctl_socket(sock)},server=on,wait=off",
         "-device", "virtserialport,chardev=ctl,name=sealbox-ctl",
     ]
+    if layer_fd is not None:
+        args += ["-add-fd", f"fd={layer_fd},set=1",
+                 "-drive", "if=none,id=layer,file=/dev/fdset/1,format=raw,readonly=on",
+                 "-device", "virtio-blk-device,drive=layer,serial=sealbox-layer"]
     if netdev is not None:
         mac = mac or "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
         args += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
@@ -167,6 +174,7 @@ def identity(spec: LaunchSpec, net: tap.GuestNet | None) -> Identity:
         "SBX_DISK": str(limits.disk_bytes) if limits.disk_bytes else "50%",
         "SBX_ADDRESS": net.address if net else "", "SBX_GATEWAY": net.gateway if net else "",
         "SBX_NPROC": str(limits.pids or ""),
+        "SBX_LAYER": "1" if spec.layer else "",
     }
     files = {f"etc/{name}": (spec.run_dir / "etc" / name).read_bytes()
              for name in ("passwd", "group", "hostname", "hosts")}
@@ -190,6 +198,18 @@ def guest_files(spec: LaunchSpec, net: tap.GuestNet | None) -> dict[str, bytes]:
     for name, data in ident.files.items():
         files[f"{prefix}/{name}"] = data
     return files
+
+
+def layer_image(layer: Path) -> Path:
+    """A template's layer directory as an ext4 image, made once beside it (the template's
+    directory is content-addressed, so the image never goes stale)."""
+    image = layer.with_name("layer.ext4")
+    if not image.is_file():
+        with open(layer.with_name(".layer.ext4.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not image.is_file():
+                ext4_image(layer, image, "sealbox-layer", mode=0o600)
+    return image
 
 
 def _write_initrd(target: Path, assets: Assets, files: dict[str, bytes]) -> None:
@@ -392,6 +412,7 @@ class MicrovmSandbox:
         self._tap = False
         self._tap_fd: int | None = None
         self._state_fd: int | None = None
+        self._layer_fd: int | None = None
         self._identity: Identity | None = None
         """Set when restored from a template: sent to the guest on connect."""
         self._net: tap.GuestNet | None = None
@@ -426,8 +447,10 @@ class MicrovmSandbox:
         os.chown(self._private, self._uid, self._uid)
         lim = spec.limits
         vcpus = self.vcpus
-        template, why_cold = (None, "") if spec.restore else template_for(
-            self.assets, self.accel, self.memory, vcpus)
+        template, why_cold = (
+            (None, "") if spec.restore else
+            (None, "a template layer is a disk the snapshot does not have") if spec.layer else
+            template_for(self.assets, self.accel, self.memory, vcpus))
         net = self._net = tap.guest_net(spec.netns)
         if net is not None:
             self._tap = True
@@ -435,6 +458,8 @@ class MicrovmSandbox:
             self._tap_fd = tap.open_tap(spec.netns)
         netdev = None if self._tap_fd is None else f"tap,id=net0,fd={self._tap_fd}"
         self.cgroup.create(lim.cpus, self.memory + VMM_OVERHEAD, VMM_PIDS)
+        if spec.layer is not None:
+            self._layer_fd = os.open(layer_image(spec.layer), os.O_RDONLY | os.O_CLOEXEC)
         if spec.restore is not None:
             return self._restore_args(spec.restore, vcpus, netdev)
         if template is not None:
@@ -451,15 +476,18 @@ class MicrovmSandbox:
         _write_initrd(initrd, self.assets, guest_files(spec, net))
         self._initrd, self._card = initrd, netdev is not None
         return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
-                         netdev)
+                         netdev, layer_fd=self._layer_fd)
 
     def _machine_key(self, vcpus: int, card: bool) -> str:
         qemu = shutil.which(QEMU)
         assert qemu is not None  # the probe found it
+        layer = self.spec.layer
         return microvm_snapshot.machine_key(
             qemu_args(self.assets, self.accel, Path("initrd"), Path("sock"), self.memory, vcpus,
-                      NULL_NETDEV if card else None, TEMPLATE_MAC),
-            [self.assets.kernel, self.assets.usr_image, Path(qemu)])
+                      NULL_NETDEV if card else None, TEMPLATE_MAC,
+                      layer_fd=None if layer is None else 0),
+            [self.assets.kernel, self.assets.usr_image, Path(qemu),
+             *([] if layer is None else [layer_image(layer)])])
 
     def _restore_args(self, checkpoint: Path, vcpus: int, netdev: str | None) -> list[str]:
         try:
@@ -479,8 +507,8 @@ class MicrovmSandbox:
         self._initrd, self._card = initrd, card
         self.boot = "restored from its pause checkpoint"
         return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
-                         (netdev or NULL_NETDEV) if card else None, TEMPLATE_MAC
-                         ) + ["-incoming", f"fd:{self._state_fd}"]
+                         (netdev or NULL_NETDEV) if card else None, TEMPLATE_MAC,
+                         layer_fd=self._layer_fd) + ["-incoming", f"fd:{self._state_fd}"]
 
     async def launch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -491,7 +519,8 @@ class MicrovmSandbox:
             preexec_fn=tap.enter_vmm(self.spec.netns, self.cgroup, self._uid,
                                      list(self.accel.groups)),
             start_new_session=True,
-            pass_fds=[fd for fd in (self._tap_fd, self._state_fd) if fd is not None],
+            pass_fds=[fd for fd in (self._tap_fd, self._state_fd, self._layer_fd)
+                      if fd is not None],
         )
         log.info("microVM %s: %s", self.sandbox_id, self.boot)
         # QEMU holds them now; our tap fd would keep the tap's queue open after QEMU dies.
@@ -629,10 +658,10 @@ class MicrovmSandbox:
         await loop.run_in_executor(None, self._teardown)
 
     def _close_fds(self) -> None:
-        for fd in (self._tap_fd, self._state_fd):
+        for fd in (self._tap_fd, self._state_fd, self._layer_fd):
             if fd is not None:
                 os.close(fd)
-        self._tap_fd = self._state_fd = None
+        self._tap_fd = self._state_fd = self._layer_fd = None
 
     def _teardown(self) -> None:
         self._close_fds()

@@ -30,8 +30,8 @@ ASSETS_DIR = Path(os.environ.get("SEALBOX_MICROVM_ASSETS", "/var/lib/sealbox/mic
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
 # What the guest needs from the modules: the virtio-mmio transport microvm uses, the agent's
-# virtio-serial port, the /usr disk and the network card.
-MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio_net")
+# virtio-serial port, the /usr disk, the network card, and overlayfs for template layers.
+MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio_net", "overlay")
 _ETC_SKIP = ("shadow", "gshadow", "shadow-", "gshadow-", "sudoers", "sudoers.d", "ssh",
              "ssl/private", "sealbox", "machine-id")
 MANIFEST = "manifest.json"
@@ -51,7 +51,25 @@ while read -r m; do insmod "/.init/modules/$m" || echo "init: insmod $m failed";
 # This sandbox's agent, /etc entries and read-only files (their archive comes first, so the
 # base archive unpacked after it would overwrite them in place).
 cp -a /.init/sandbox/files/. /
-mount -t ext4 -o ro,nodev,nosuid /dev/vda /usr || { echo "init: no /usr disk"; reboot -f; }
+# Disks are known by their serial numbers: the order they appear in is not fixed.
+disk() { for b in /sys/block/vd*; do [ "$(cat "$b/serial")" = "$1" ] && echo "/dev/${b##*/}"; done; }
+mount -t ext4 -o ro,nodev,nosuid "$(disk sealbox-usr)" /usr || { echo "init: no /usr disk"; reboot -f; }
+if [ -n "$SBX_LAYER" ]; then
+  # A template's layer over the guest's own dirs, as the other tiers show it: read-only, but
+  # /etc keeps a writable top so this sandbox's own entries stay in front of the layer's.
+  mkdir -p /.init/layer /.init/layer-rw /opt
+  mount -t ext4 -o ro,nodev,nosuid "$(disk sealbox-layer)" /.init/layer \
+    || { echo "init: no layer disk"; reboot -f; }
+  for d in usr opt var; do
+    [ ! -d "/.init/layer/$d" ] || mount -t overlay -o "ro,lowerdir=/.init/layer/$d:/$d" \
+      overlay "/$d" || { echo "init: layer /$d failed"; reboot -f; }
+  done
+  mount -t tmpfs -o nosuid,nodev,mode=0700,size=16m tmpfs /.init/layer-rw
+  mkdir /.init/layer-rw/up /.init/layer-rw/work
+  [ ! -d /.init/layer/etc ] || { mount -t overlay -o \
+    lowerdir=/.init/layer/etc:/etc,upperdir=/.init/layer-rw/up,workdir=/.init/layer-rw/work \
+    overlay /etc && cp -a /.init/sandbox/files/etc/. /etc/; } || { echo "init: layer /etc failed"; reboot -f; }
+fi
 mkdir -p /dev/pts /dev/shm /dev/virtio-ports
 mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /dev/pts
 ln -sf pts/ptmx /dev/ptmx
@@ -259,17 +277,23 @@ def _initramfs(moddir: Path, modules: list[str]) -> bytes:
     return data + b"\0" * (-len(data) % 4)
 
 
-def _usr_image(target: Path) -> None:
-    used = int(_run("du", "-sx", "--block-size=1M", "/usr").split()[0])
-    inodes = sum(1 + len(files) for _, _, files in os.walk("/usr"))
-    size_mb = used + used // 8 + 256
+def ext4_image(source: Path, target: Path, label: str, mode: int = 0o644) -> None:
+    """A read-only-use ext4 image of the tree SOURCE (owners, modes, overlay whiteouts and
+    xattrs kept), written beside TARGET and renamed into place."""
+    used = int(_run("du", "-sx", "--block-size=1M", str(source)).split()[0])
+    inodes = sum(1 + len(dirs) + len(files) for _, dirs, files in os.walk(source))
+    size_mb = used + used // 8 + 64
     tmp = target.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
-    _run("mke2fs", "-q", "-t", "ext4", "-d", "/usr", "-O", "^has_journal", "-m", "0",
-         "-N", str(inodes + inodes // 4 + 10_000), "-L", "sealbox-usr",
+    _run("mke2fs", "-q", "-t", "ext4", "-d", str(source), "-O", "^has_journal", "-m", "0",
+         "-N", str(inodes + inodes // 4 + 1_000), "-L", label,
          "-E", "root_owner=0:0", str(tmp), f"{size_mb}M")
-    tmp.chmod(0o644)
+    tmp.chmod(mode)
     tmp.rename(target)
+
+
+def _usr_image(target: Path) -> None:
+    ext4_image(Path("/usr"), target, "sealbox-usr")
 
 
 def build(root: Path = ASSETS_DIR, force: bool = False, log: bool = True) -> Assets:
@@ -289,7 +313,8 @@ def build(root: Path = ASSETS_DIR, force: bool = False, log: bool = True) -> Ass
         old = {}
     current = Assets.load(root)
     fresh = current is not None and not force
-    boot_ok = fresh and old.get("package") == package and old.get("init") == INIT
+    boot_ok = (fresh and old.get("package") == package and old.get("init") == INIT
+               and old.get("modules") == list(MODULES))
     usr_ok = fresh and old.get("dpkg_status") == dpkg_stamp
     if boot_ok and usr_ok and current is not None:
         say(f"up to date in {root} (kernel {current.kernel_version})")
@@ -314,7 +339,7 @@ def build(root: Path = ASSETS_DIR, force: bool = False, log: bool = True) -> Ass
         say("building the read-only /usr disk image (takes a few minutes)")
         _usr_image(root / "usr.img")
     (root / MANIFEST).write_text(json.dumps({
-        "package": package, "kernel_version": version, "init": INIT,
+        "package": package, "kernel_version": version, "init": INIT, "modules": list(MODULES),
         "dpkg_status": dpkg_stamp,
     }, indent=1))
     assets = Assets.load(root)

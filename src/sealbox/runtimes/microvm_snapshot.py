@@ -64,7 +64,7 @@ def _template_config() -> str:
     setup = INIT.split(_SETUP_FROM, 1)[1].split(_SETUP_TO, 1)[0]
     return (
         "# Sourced by /init in a template VM; never returns to it.\n"
-        "SBX_HOSTNAME=sealbox SBX_DISK=50% SBX_ADDRESS= SBX_GATEWAY=\n"
+        "SBX_HOSTNAME=sealbox SBX_DISK=50% SBX_ADDRESS= SBX_GATEWAY= SBX_LAYER=\n"
         + setup + _SETUP_TO
         + "/usr/bin/setpriv --no-new-privs /usr/bin/python3 -I /.sealbox/identity.py"
         " </dev/null &\nwait\necho 'init: agent exited'\nreboot -f\n"
