@@ -223,11 +223,12 @@ def test_cli_and_sdk_pause_resume(tmp_path: Path) -> None:
         assert server.stop()
 
 
-@pytest.mark.parametrize("runtime", TIERS)
+@pytest.mark.parametrize("runtime", [*TIERS, "microvm"])
 async def test_paused_sandbox_outlives_engine_shutdown_with_its_volume(
         data_dir: Path, runtime: str) -> None:
-    """A graceful shutdown (SIGTERM, embedded engine closed) ends the processes of a paused
-    sandbox but keeps it resumable, with its volume claim; nothing stays mounted meanwhile."""
+    """A graceful shutdown (SIGTERM, embedded engine closed) keeps a paused sandbox resumable,
+    with its volume claim; nothing stays mounted meanwhile. Its processes end, except on
+    microvm, which paused to disk with them (and with the volume's disk)."""
     first = Engine(EngineConfig(data_dir=data_dir))
     await first.start()
     first.volumes.create(VolumeCreate(name="keep", size="16MiB"))
@@ -236,6 +237,7 @@ async def test_paused_sandbox_outlives_engine_shutdown_with_its_volume(
         info = await first.create(SandboxSpec(
             runtime=runtime, timeout=600, volumes=[VolumeMount(name="keep", path="/data")]))
         await first.run(info.id, ExecRequest(cmd="echo v > /data/f && echo w > /workspace/f"))
+        await first.run(info.id, ExecRequest(cmd="sleep 600", background=True))
         await first.pause(info.id)
     finally:
         await first.close()
@@ -249,9 +251,12 @@ async def test_paused_sandbox_outlives_engine_shutdown_with_its_volume(
             await second.create(SandboxSpec(runtime=runtime,
                                             volumes=[VolumeMount(name="keep", path="/d")]))
         resumed = await second.resume(info.id)
-        assert resumed.resumed_processes is False and resumed.volumes == info.volumes
-        r = await second.run(info.id, ExecRequest(cmd="cat /data/f /workspace/f"))
-        assert r.stdout == "v\nw\n", r
+        kept = runtime == "microvm"
+        assert resumed.resumed_processes is kept and resumed.volumes == info.volumes
+        r = await second.run(info.id, ExecRequest(cmd="cat /data/f /workspace/f; " + COUNT_SLEEPS))
+        assert r.stdout == f"v\nw\n{int(kept)}\n", r
+        r = await second.run(info.id, ExecRequest(cmd="echo again >> /data/f && cat /data/f"))
+        assert r.stdout == "v\nagain\n", r
         await second.kill(info.id)
         assert not vol.exists() and gone(info.id) == []
     finally:

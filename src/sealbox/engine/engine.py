@@ -226,9 +226,6 @@ class Engine:
             if not workspace.is_dir():
                 raise ConfigError(f"workspace {spec.workspace!r} is not a directory")
         if spec.volumes:
-            if runtime.name == "microvm":
-                raise ConfigError("volumes are not supported on the microvm tier yet: use "
-                                  "--runtime namespace or gvisor")
             await asyncio.to_thread(self.volumes.check, spec.volumes, owner)
         self.gateway.check_policy(list(spec.allow_net))  # bad input must not cost a member
         # A warm pool member if one matches (claiming takes milliseconds), else a cold boot.
@@ -290,16 +287,22 @@ class Engine:
                 )
                 for name, placeholder in attachment.placeholders.items():
                     info.secrets[name].placeholder = placeholder
+                uid = volume_uid(runtime.name, sandbox_id, workspace)
                 mounts = await run_to_completion(
-                    self.volumes.attach, info.volumes, sandbox_id, owner,
-                    volume_uid(runtime.name, sandbox_id, workspace),
-                ) if info.volumes else []
+                    self.volumes.attach, info.volumes, sandbox_id, owner, uid,
+                ) if info.volumes and not runtime.volume_disks else []
+                disks = await run_to_completion(
+                    # A restored guest has the volume mounted in its memory: hands off.
+                    self.volumes.attach_disks, info.volumes, sandbox_id, owner,
+                    uid if restore is None else None,
+                ) if info.volumes and runtime.volume_disks else []
                 launch = LaunchSpec(
                     sandbox_id=sandbox_id, netns=ns, run_dir=run_dir,
                     limits=Limits(cpus=spec.cpus, memory_bytes=spec.memory, pids=spec.pids,
                                   disk_bytes=spec.disk),
                     env={**attachment.env, **({} if bare else spec.env)}, hostname=sandbox_id,
                     workspace=workspace, ro_files=dict(attachment.ro_files), mounts=mounts,
+                    disks=disks,
                     layer=template.layer if template else None, restore=restore,
                 )
                 if template is not None:

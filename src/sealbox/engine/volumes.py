@@ -14,11 +14,11 @@ import fcntl
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -27,12 +27,13 @@ from sealbox.engine.spec import VOLUME_NAME, VolumeMount, check_volume_name
 from sealbox.engine.store import Store, now
 from sealbox.engine.units import checked, format_size, parse_size
 from sealbox.errors import ConfigError, ConflictError, NotFoundError
-from sealbox.runtimes.base import HostMount
+from sealbox.runtimes.base import HostMount, VolumeDisk
 from sealbox.runtimes.namespace import SANDBOX_UID, host_uid_for
 
 DEFAULT_SIZE = 1024**3
 MIN_SIZE = 16 * 1024**2
 MAX_SIZE = 16 * 1024**4
+T = TypeVar("T")
 LOCAL_TENANT = "_local"
 """Owner of volumes made without a tenant (embedded engine: CLI `run`, SDK without a server).
 Not a valid API tenant name, so no API key can reach these."""
@@ -207,27 +208,47 @@ class Volumes:
                uid: int) -> builtins.list[HostMount]:
         """Claim and mount each volume for SANDBOX_ID. A read-write volume's files are given to
         UID (the sandbox's host uid) so it can write what earlier sandboxes wrote."""
+
+        def mount(tenant: str, m: VolumeMount) -> HostMount:
+            mp = self._mount(tenant, m.name)
+            if not m.read_only:
+                sysvol.chown_tree(mp, uid, uid)
+            mp.chmod(0o755)
+            return HostMount(mp, m.path, m.read_only)
+
+        return self._claim(mounts, sandbox_id, owner, mount)
+
+    def attach_disks(self, mounts: builtins.list[VolumeMount], sandbox_id: str,
+                     owner: str | None, uid: int | None) -> builtins.list[VolumeDisk]:
+        """Claim each volume for SANDBOX_ID as its image file, which the tier attaches as a disk
+        (the host never has a volume mounted while a guest may write it). UID as for `attach`;
+        None leaves owners alone (a sandbox restored with the volume mounted in its memory)."""
+
+        def disk(tenant: str, m: VolumeMount) -> VolumeDisk:
+            if not m.read_only and uid is not None:
+                # One writer: nobody else has it mounted, and neither may the host afterwards.
+                mp = self._mount(tenant, m.name)
+                try:
+                    sysvol.chown_tree(mp, uid, uid)
+                    mp.chmod(0o755)
+                finally:
+                    self._unmount(mp)
+            return VolumeDisk(self._dir(tenant, m.name) / sysvol.IMAGE_NAME, m.path,
+                              m.read_only)
+
+        return self._claim(mounts, sandbox_id, owner, disk)
+
+    def _claim(self, mounts: builtins.list[VolumeMount], sandbox_id: str, owner: str | None,
+               each: Callable[[str, VolumeMount], T]) -> builtins.list[T]:
         tenant = _tenant(owner)
-        out: builtins.list[HostMount] = []
+        out: builtins.list[T] = []
         with self._locked():
             try:
                 for m in mounts:
                     self._meta(tenant, m.name)
                     self._check_free(tenant, m, sandbox_id)
                     self._claims.setdefault((tenant, m.name), {})[sandbox_id] = m.read_only
-                    mp = self._mountpoint(tenant, m.name)
-                    if not sysvol.is_mounted(mp):
-                        self.mount_root.mkdir(parents=True, exist_ok=True)
-                        # Traversable (not listable) by the sandbox's unprivileged host uid,
-                        # which is what bwrap runs as.
-                        self.mount_root.parent.chmod(0o711)
-                        self.mount_root.chmod(0o711)
-                        mp.parent.mkdir(exist_ok=True, mode=0o711)
-                        sysvol.mount(self._dir(tenant, m.name) / sysvol.IMAGE_NAME, mp)
-                    if not m.read_only:
-                        sysvol.chown_tree(mp, uid, uid)
-                    mp.chmod(0o755)
-                    out.append(HostMount(mp, m.path, m.read_only))
+                    out.append(each(tenant, m))
             except sysvol.VolumeSysError as exc:
                 self._release_locked(sandbox_id)
                 raise ConfigError(f"cannot mount volume: {exc}") from None
@@ -235,6 +256,19 @@ class Volumes:
                 self._release_locked(sandbox_id)
                 raise
         return out
+
+    def _mount(self, tenant: str, name: str) -> Path:
+        """The volume mounted on the host (already, or now). Caller holds the lock."""
+        mp = self._mountpoint(tenant, name)
+        if not sysvol.is_mounted(mp):
+            self.mount_root.mkdir(parents=True, exist_ok=True)
+            # Traversable (not listable) by the sandbox's unprivileged host uid, which is what
+            # bwrap runs as.
+            self.mount_root.parent.chmod(0o711)
+            self.mount_root.chmod(0o711)
+            mp.parent.mkdir(exist_ok=True, mode=0o711)
+            sysvol.mount(self._dir(tenant, name) / sysvol.IMAGE_NAME, mp)
+        return mp
 
     def release(self, sandbox_id: str) -> None:
         """Drop SANDBOX_ID's claims; unmount volumes nobody else runs with."""

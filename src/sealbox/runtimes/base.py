@@ -47,6 +47,15 @@ class HostMount:
     read_only: bool = False
 
 
+@dataclass(frozen=True)
+class VolumeDisk:
+    """A volume's image file, for a tier that attaches it as a disk of its own (microvm)."""
+
+    image: Path
+    sandbox_path: str
+    read_only: bool = False
+
+
 @dataclass
 class LaunchSpec:
     sandbox_id: str
@@ -63,6 +72,8 @@ class LaunchSpec:
     """Sandbox path -> host file shown read-only (resolv.conf, CA bundle, hosts)."""
     mounts: list[HostMount] = field(default_factory=list)
     """Volumes, bind-mounted after every other mount (so they may sit under /workspace)."""
+    disks: list[VolumeDisk] = field(default_factory=list)
+    """Volumes for a tier with ``volume_disks``: image files, never mounted on the host."""
     layer: Path | None = None
     """A template's read-only tree (usr/, etc/, opt/, var/) overlaid on the system dirs."""
     restore: Path | None = None
@@ -122,6 +133,8 @@ class Runtime(Protocol):
     name: str
     strength: int
     """Higher is stronger isolation; ``auto`` picks the strongest that probes ok."""
+    volume_disks: bool
+    """Takes volumes as image files (`LaunchSpec.disks`) rather than host mounts."""
 
     def probe(self) -> Probe: ...
 

@@ -105,6 +105,7 @@ def platform() -> str:
 class GvisorRuntime:
     name = "gvisor"
     strength = 20
+    volume_disks = False
 
     def probe(self) -> Probe:
         return _probe()

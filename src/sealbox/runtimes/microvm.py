@@ -31,6 +31,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -66,6 +67,7 @@ CONSOLE_LOG_CAP = 1 << 20
 # Saving a paused VM: a fixed allowance plus its memory at a slow disk's pace.
 SAVE_TIMEOUT = 60.0
 SAVE_RATE = 100 << 20
+SYNC_TIMEOUT = 10.0
 # A checkpoint (see `MicrovmSandbox.checkpoint`): the saved VM, the initramfs it booted from
 # (its bytes are part of the machine), and what a restore must match.
 STATE, INITRD, MACHINE = "state.bin", "initrd.img", "machine.json"
@@ -125,11 +127,29 @@ def ctl_socket(agent_socket: Path) -> Path:
     return agent_socket.with_name("ctl.sock")
 
 
+@dataclass(frozen=True)
+class Disk:
+    """An extra disk (a template layer, a volume): root opens the image and QEMU gets the
+    descriptor, since the data dir is not QEMU's to read. The guest finds it by SERIAL."""
+
+    serial: str
+    fds: tuple[int, ...]
+    """Read-only: one, read-only. Read-write: a read-write one and a read-only one (QEMU opens
+    the image both ways). Empty once QEMU holds them."""
+    read_only: bool
+
+
+LAYER_SERIAL = "sealbox-layer"
+
+
+def volume_serial(index: int) -> str:
+    return f"sealbox-vol-{index}"
+
+
 def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: int, vcpus: int,
               netdev: str | None = None, mac: str | None = None,
-              layer_fd: int | None = None) -> list[str]:
-    """NETDEV is the network card's ``-netdev`` backend (none: no card). LAYER_FD: a template
-    layer's image, opened by root (the data dir is not QEMU's to read)."""
+              disks: Sequence[Disk] = ()) -> list[str]:
+    """NETDEV is the network card's ``-netdev`` backend (none: no card)."""
     args = [
         QEMU, "-M", "microvm,rtc=on,pit=on", *accel.args, "-m", f"{memory >> 20}M",
         "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -146,10 +166,12 @@ def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: in
         "-chardev", f"socket,id=ctl,path={ctl_socket(sock)},server=on,wait=off",
         "-device", "virtserialport,chardev=ctl,name=sealbox-ctl",
     ]
-    if layer_fd is not None:
-        args += ["-add-fd", f"fd={layer_fd},set=1",
-                 "-drive", "if=none,id=layer,file=/dev/fdset/1,format=raw,readonly=on",
-                 "-device", "virtio-blk-device,drive=layer,serial=sealbox-layer"]
+    for n, disk in enumerate(disks, start=1):
+        ro = ",readonly=on" if disk.read_only else ""
+        for fd in disk.fds:
+            args += ["-add-fd", f"fd={fd},set={n}"]
+        args += ["-drive", f"if=none,id=disk{n},file=/dev/fdset/{n},format=raw{ro}",
+                 "-device", f"virtio-blk-device,drive=disk{n},serial={disk.serial}"]
     if netdev is not None:
         mac = mac or "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
         args += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
@@ -175,7 +197,11 @@ def identity(spec: LaunchSpec, net: tap.GuestNet | None) -> Identity:
         "SBX_ADDRESS": net.address if net else "", "SBX_GATEWAY": net.gateway if net else "",
         "SBX_NPROC": str(limits.pids or ""),
         "SBX_LAYER": "1" if spec.layer else "",
+        "SBX_VOLUMES": str(len(spec.disks)),
     }
+    for i, vol in enumerate(spec.disks):
+        settings[f"SBX_VOL_{i}"] = vol.sandbox_path
+        settings[f"SBX_VOLRO_{i}"] = "1" if vol.read_only else ""
     files = {f"etc/{name}": (spec.run_dir / "etc" / name).read_bytes()
              for name in ("passwd", "group", "hostname", "hosts")}
     for inside, host in spec.ro_files.items():
@@ -359,6 +385,7 @@ def _probe_uncached() -> tuple[Probe, Accel | None]:
 class MicrovmRuntime:
     name = "microvm"
     strength = 30
+    volume_disks = True
 
     def probe(self) -> Probe:
         probe = _probe()[0]
@@ -372,8 +399,7 @@ class MicrovmRuntime:
 
     async def start(self, spec: LaunchSpec) -> MicrovmSandbox:
         if spec.mounts:
-            raise ConfigError("volumes are not supported on the microvm tier yet: use "
-                              "--runtime namespace or gvisor")
+            raise ConfigError("the microvm tier takes volumes as disks, not host mounts")
         probe, accel = await asyncio.get_running_loop().run_in_executor(None, _probe)
         assets = Assets.load()
         if accel is None or assets is None:
@@ -412,7 +438,7 @@ class MicrovmSandbox:
         self._tap = False
         self._tap_fd: int | None = None
         self._state_fd: int | None = None
-        self._layer_fd: int | None = None
+        self._disks: list[Disk] = []
         self._identity: Identity | None = None
         """Set when restored from a template: sent to the guest on connect."""
         self._net: tap.GuestNet | None = None
@@ -422,6 +448,7 @@ class MicrovmSandbox:
         self.boot = ""
         """``restored from template KEY``, ``cold boot (why)`` or from a checkpoint."""
         self._killed = False
+        self._stopped = False
 
     @property
     def socket_path(self) -> Path:
@@ -449,7 +476,8 @@ class MicrovmSandbox:
         vcpus = self.vcpus
         template, why_cold = (
             (None, "") if spec.restore else
-            (None, "a template layer is a disk the snapshot does not have") if spec.layer else
+            (None, "a template layer or volume is a disk the snapshot does not have")
+            if spec.layer or spec.disks else
             template_for(self.assets, self.accel, self.memory, vcpus))
         net = self._net = tap.guest_net(spec.netns)
         if net is not None:
@@ -458,8 +486,7 @@ class MicrovmSandbox:
             self._tap_fd = tap.open_tap(spec.netns)
         netdev = None if self._tap_fd is None else f"tap,id=net0,fd={self._tap_fd}"
         self.cgroup.create(lim.cpus, self.memory + VMM_OVERHEAD, VMM_PIDS)
-        if spec.layer is not None:
-            self._layer_fd = os.open(layer_image(spec.layer), os.O_RDONLY | os.O_CLOEXEC)
+        self._disks = self._open_disks()
         if spec.restore is not None:
             return self._restore_args(spec.restore, vcpus, netdev)
         if template is not None:
@@ -476,18 +503,39 @@ class MicrovmSandbox:
         _write_initrd(initrd, self.assets, guest_files(spec, net))
         self._initrd, self._card = initrd, netdev is not None
         return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
-                         netdev, layer_fd=self._layer_fd)
+                         netdev, disks=self._disks)
 
     def _machine_key(self, vcpus: int, card: bool) -> str:
         qemu = shutil.which(QEMU)
         assert qemu is not None  # the probe found it
         layer = self.spec.layer
+        # Descriptors differ from run to run; volumes' contents may change while paused.
         return microvm_snapshot.machine_key(
             qemu_args(self.assets, self.accel, Path("initrd"), Path("sock"), self.memory, vcpus,
                       NULL_NETDEV if card else None, TEMPLATE_MAC,
-                      layer_fd=None if layer is None else 0),
+                      [Disk(d.serial, (), d.read_only) for d in self._disks]),
             [self.assets.kernel, self.assets.usr_image, Path(qemu),
              *([] if layer is None else [layer_image(layer)])])
+
+    def _open_disks(self) -> list[Disk]:
+        spec = self.spec
+        images = ([(LAYER_SERIAL, layer_image(spec.layer), True)] if spec.layer else []) + [
+            (volume_serial(i), vol.image, vol.read_only) for i, vol in enumerate(spec.disks)]
+        disks: list[Disk] = []
+        try:
+            for serial, image, read_only in images:
+                modes = (os.O_RDONLY,) if read_only else (os.O_RDWR, os.O_RDONLY)
+                fds: list[int] = []
+                disks.append(Disk(serial, (), read_only))
+                for mode in modes:
+                    fds.append(os.open(image, mode | os.O_CLOEXEC))
+                    disks[-1] = Disk(serial, tuple(fds), read_only)
+        except BaseException:
+            for d in disks:
+                for fd in d.fds:
+                    os.close(fd)
+            raise
+        return disks
 
     def _restore_args(self, checkpoint: Path, vcpus: int, netdev: str | None) -> list[str]:
         try:
@@ -508,7 +556,7 @@ class MicrovmSandbox:
         self.boot = "restored from its pause checkpoint"
         return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
                          (netdev or NULL_NETDEV) if card else None, TEMPLATE_MAC,
-                         layer_fd=self._layer_fd) + ["-incoming", f"fd:{self._state_fd}"]
+                         self._disks) + ["-incoming", f"fd:{self._state_fd}"]
 
     async def launch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -519,7 +567,8 @@ class MicrovmSandbox:
             preexec_fn=tap.enter_vmm(self.spec.netns, self.cgroup, self._uid,
                                      list(self.accel.groups)),
             start_new_session=True,
-            pass_fds=[fd for fd in (self._tap_fd, self._state_fd, self._layer_fd)
+            pass_fds=[fd for fd in (self._tap_fd, self._state_fd,
+                                    *(fd for d in self._disks for fd in d.fds))
                       if fd is not None],
         )
         log.info("microVM %s: %s", self.sandbox_id, self.boot)
@@ -594,20 +643,34 @@ class MicrovmSandbox:
         root sets those of now (see /init) before anything else talks to it."""
         net = self._net
         resolv = self.spec.ro_files.get("/etc/resolv.conf")
-        line = " ".join([
+        said = await self._control(" ".join([
             str(round(time.time())), net.address if net else "-", net.gateway if net else "-",
-            base64.b64encode(resolv.read_bytes() if resolv else b"").decode() or "-"]) + "\n"
+            base64.b64encode(resolv.read_bytes() if resolv else b"").decode() or "-"]))
+        if said != "ok":
+            raise SandboxError(f"the restored microVM did not take its new clock and network: "
+                               f"{said or 'EOF'}")
+
+    async def _control(self, line: str) -> str:
+        """Send LINE to guest root's control port (see /init); its one-line answer."""
         reader, writer = await _open_unix(ctl_socket(self.socket_path))
         try:
             while (said := await reader.readline()) == b"ready\n" and line:
-                writer.write(line.encode())
+                writer.write(line.encode() + b"\n")
                 await writer.drain()
                 line = ""
-            if said != b"ok\n":
-                raise SandboxError("the restored microVM did not take its new clock and "
-                                   f"network: {said.decode(errors='replace').strip() or 'EOF'}")
+            return said.decode(errors="replace").strip()
         finally:
             writer.close()
+
+    async def _write_back(self) -> None:
+        """Before a kill: the guest writes its read-write volumes' cached data to their images,
+        as a host file system would keep it. Bounded: a guest that does not answer loses only
+        its own unwritten data."""
+        if self.proc is None or self.proc.returncode is not None or self._stopped or all(
+                d.read_only for d in self.spec.disks):
+            return
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(self._control("sync"), SYNC_TIMEOUT)
 
     async def _reconnect(self) -> GuestClient:
         """The agent's channel after a restore. The agent reopens its port when it sees the
@@ -650,6 +713,7 @@ class MicrovmSandbox:
             return
         self._killed = True
         loop = asyncio.get_running_loop()
+        await self._write_back()
         await kill_child(self.proc)
         if self.cgroup.exists():
             await loop.run_in_executor(None, self.cgroup.kill_all)
@@ -658,10 +722,12 @@ class MicrovmSandbox:
         await loop.run_in_executor(None, self._teardown)
 
     def _close_fds(self) -> None:
-        for fd in (self._tap_fd, self._state_fd, self._layer_fd):
+        for fd in (self._tap_fd, self._state_fd, *(fd for d in self._disks for fd in d.fds)):
             if fd is not None:
                 os.close(fd)
-        self._tap_fd = self._state_fd = self._layer_fd = None
+        self._tap_fd = self._state_fd = None
+        # Which disks it has stays known: a checkpoint's key names them.
+        self._disks = [Disk(d.serial, (), d.read_only) for d in self._disks]
 
     def _teardown(self) -> None:
         self._close_fds()
@@ -691,10 +757,13 @@ class MicrovmSandbox:
                 with contextlib.suppress(OSError, SandboxError):
                     qmp.call("cont")
                 raise
+        self._stopped = True  # its volumes' state is in the checkpoint, with its memory
 
     async def pause(self) -> None:
         self.cgroup.freeze(True)
+        self._stopped = True
 
     async def resume(self) -> None:
         self.cgroup.freeze(False)
+        self._stopped = False
 

@@ -76,6 +76,15 @@ ln -sf pts/ptmx /dev/ptmx
 for d in /tmp /var/tmp /dev/shm /workspace; do
   mount -t tmpfs -o "nosuid,nodev,mode=1777,size=$SBX_DISK" tmpfs "$d"
 done
+# Volumes last, so they may sit under /workspace. A read-only one is never written, not even
+# to replay its journal.
+i=0
+while [ "$i" -lt "${SBX_VOLUMES:-0}" ]; do
+  eval "path=\$SBX_VOL_$i ro=\$SBX_VOLRO_$i"
+  mkdir -p "$path" && mount -t ext4 -o "nosuid,nodev${ro:+,ro,noload}" \
+    "$(disk "sealbox-vol-$i")" "$path" || { echo "init: volume $i failed"; reboot -f; }
+  i=$((i + 1))
+done
 mount -t tmpfs -o nosuid,nodev,mode=0755,size=16m tmpfs /run
 chown 1000:1000 /workspace && chmod 0755 /workspace
 for p in /sys/class/virtio-ports/*; do
@@ -93,14 +102,17 @@ mkdir -p /.init/cgroup
 mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /.init/cgroup \
   && echo +pids > /.init/cgroup/cgroup.subtree_control && mkdir /.init/cgroup/sandbox \
   || echo "init: no pids cgroup"
-# Root's channel from the host, for what the unprivileged agent cannot do when a paused VM is
-# restored: set the clock, take the new network's addresses. A write blocks until a host is
-# connected and a read sees EOF while none is, so the loop never spins.
+# Root's channel from the host, for what the unprivileged agent cannot do: write volumes
+# back before the VM is killed ("sync"); when a paused VM is restored, set the clock and take
+# the new network's addresses ("TIME ADDRESS GATEWAY RESOLV_CONF_BASE64"). A write blocks
+# until a host is connected and a read sees EOF while none is, so the loop never spins.
 (
   exec 3<>/dev/virtio-ports/sealbox-ctl
   while echo ready >&3; do
     read -r t a g r <&3 || continue
-    if date -u -s "@$t" >/dev/null && ip addr flush dev eth0 && ip addr add "$a" dev eth0 \
+    if [ "$t" = sync ]; then
+      sync && echo ok >&3
+    elif date -u -s "@$t" >/dev/null && ip addr flush dev eth0 && ip addr add "$a" dev eth0 \
         && ip route replace default via "$g" && ip neigh flush dev eth0 \
         && echo "$r" | base64 -d > /etc/resolv.conf; then
       echo ok >&3

@@ -132,6 +132,7 @@ def sandbox_env(spec: LaunchSpec) -> dict[str, str]:
 class NamespaceRuntime:
     name = "namespace"
     strength = 10
+    volume_disks = False
 
     def probe(self) -> Probe:
         return _probe()
