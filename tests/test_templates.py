@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import RUN_ROOT, gone
 
 from sealbox.egress.gateway import ResolvePin
 from sealbox.engine.config import EngineConfig
 from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, SandboxSpec
 from sealbox.engine.templates import TemplateFile, TemplateSpec
-from sealbox.runtimes import registry
 from sealbox.errors import CommandError, ConfigError, NotFoundError, SandboxError
+from sealbox.runtimes import registry
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -519,6 +520,64 @@ async def test_fork_diverges_both_ways(tengine: Engine) -> None:
         await tengine.kill(parent.id)
         if child_id:
             await tengine.kill(child_id)
+
+
+def console(sandbox_id: str) -> str:
+    return (RUN_ROOT / sandbox_id / "private" / "console.log").read_text(errors="replace")
+
+
+async def test_microvm_fork_is_the_running_sandbox(tengine: Engine) -> None:
+    """On microvm a fork carries processes and memory; the child has its own name, id,
+    secrets' placeholders and kernel randomness, and the two diverge."""
+    if not registry.get("microvm").probe().ok:
+        pytest.skip(registry.get("microvm").probe().detail)
+    from sealbox.egress.secrets import SecretSpec
+
+    parent = await tengine.create(SandboxSpec(runtime="microvm", timeout=300, env={"P": "1"},
+                                              secrets={"TOKEN": SecretSpec(
+                                                  value="real-value-xyz", hosts=[OTHER_HOST])}))
+    child_id = None
+    counter = ("i=0; while :; do i=$((i+1)); echo $i > /workspace/c.new && "
+               "mv /workspace/c.new /workspace/c; sleep 0.1; done")
+    try:
+        await tengine.run(parent.id, ExecRequest(cmd=counter, background=True))
+        _, blob = await sh(tengine, parent.id, "while [ ! -s /workspace/c ] || "
+                           "[ $(cat /workspace/c) -lt 5 ]; do sleep 0.1; done; "
+                           "head -c 1000000 /dev/urandom > /tmp/blob; sha256sum < /tmp/blob")
+        _, before = await sh(tengine, parent.id, "cat /workspace/c")
+        child = await tengine.fork(parent.id)
+        child_id = child.id
+        assert child.metadata["sealbox.forked_from"] == parent.id and child.runtime == "microvm"
+        # The same shell, counting on from where the parent was; the same memory-only /tmp.
+        check = "cat /workspace/c; sha256sum < /tmp/blob; hostname; echo $SEALBOX_SANDBOX_ID $P"
+        code, out = await sh(tengine, child.id, check)
+        assert code == 0, out
+        lines = out.splitlines()
+        assert int(before) <= int(lines[0]) < int(before) + 30, (before, out)
+        assert lines[1] == blob.strip() and lines[2] == child.id
+        assert lines[3] == f"{child.id} 1"
+        p_ph, c_ph = parent.secrets["TOKEN"].placeholder, child.secrets["TOKEN"].placeholder
+        assert p_ph and c_ph and p_ph != c_ph
+        assert (await sh(tengine, child.id, "echo $TOKEN"))[1].strip() == c_ph
+        # Fresh kernel randomness: a copied random state would give both the same bytes (until
+        # the kernel reseeds on its own, which is why the console says it was done).
+        rand = "head -c 16 /dev/urandom | od -An -tx1"
+        assert (await sh(tengine, child.id, rand))[1] != (await sh(tengine, parent.id, rand))[1]
+        reseeded = "init: kernel randomness reseeded"
+        assert reseeded in console(child.id) and reseeded not in console(parent.id)
+        # Both run on, apart: the parent kept its name, its counter and its files.
+        code, out = await sh(tengine, parent.id, f"hostname; {check}")
+        assert out.splitlines()[0] == parent.id and int(out.splitlines()[1]) > int(before)
+        await sh(tengine, child.id, "echo child > /workspace/only-child")
+        assert (await sh(tengine, parent.id, "test -e /workspace/only-child"))[0] != 0
+        code, out = await sh(tengine, child.id, "c=$(cat /workspace/c); sleep 1; "
+                                                "test $(cat /workspace/c) -gt $c && echo counting")
+        assert out.strip() == "counting", out
+    finally:
+        await tengine.kill(parent.id)
+        if child_id:
+            await tengine.kill(child_id)
+    assert gone(parent.id) == [] and (child_id is None or gone(child_id) == [])
 
 
 async def test_hostile_snapshot_content(tengine: Engine, tmp_path: Path) -> None:

@@ -212,6 +212,11 @@ class Engine:
 
     # ----- lifecycle --------------------------------------------------------------------
     async def create(self, spec: SandboxSpec, owner: str | None = None) -> SandboxInfo:
+        return await self._create(spec, owner)
+
+    async def _create(self, spec: SandboxSpec, owner: str | None,
+                      restore: Path | None = None) -> SandboxInfo:
+        """RESTORE: a checkpoint of another sandbox to start from (a fork), not a boot."""
         await self.start()
         runtime = registry.lookup(spec.runtime)
         timeout = spec.timeout
@@ -230,12 +235,13 @@ class Engine:
         self.gateway.check_policy(list(spec.allow_net))  # bad input must not cost a member
         # A warm pool member if one matches (claiming takes milliseconds), else a cold boot.
         # Volumes are bind-mounted at boot, so a sandbox with volumes never comes from a pool.
-        live = None if spec.volumes else self.pools.take(spec, runtime.name, owner)
+        live = None if spec.volumes or restore else self.pools.take(spec, runtime.name, owner)
         pooled = live is not None
         if live is None:
             if self._at_capacity():
                 await self.pools.evict_one()  # an idle pool member yields to a real request
-            live = await self._boot(spec, runtime, workspace, bare=False, owner=owner)
+            live = await self._boot(spec, runtime, workspace, bare=False, owner=owner,
+                                    restore=restore)
         live.spec = spec
         try:
             await self._claim(live, spec, owner, timeout, pooled)
@@ -325,6 +331,10 @@ class Engine:
             self.store.put(info)
             live = _Live(info=info, runtime=running, guest=guest,
                          workdir=template.workdir if template else None)
+            if restore is not None:
+                # The restored agent's env is the saved sandbox's: this one's secrets' placeholders,
+                # env and id reach every command instead (as for a claimed pool member).
+                live.env = {**launch.env, "SEALBOX_SANDBOX_ID": sandbox_id}
             self._live[sandbox_id] = live
         finally:
             self._booting -= 1
@@ -560,8 +570,6 @@ class Engine:
                                         sandbox_id=sandbox_id, metadata=old.metadata,
                                         restore=self.paused.checkpoint_dir(sandbox_id),
                                         placeholders=saved.placeholders)
-                # A pool member's secrets and env reached its commands, not its agent.
-                live.env = {**saved.placeholders, **spec.env}
             except SealboxError as exc:
                 note = (f"its processes could not be restored ({exc}); /workspace was "
                         "restored from the files saved at pause")

@@ -21,25 +21,23 @@ values, placeholders and env; removed when the sandbox resumes or ends).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sealbox.engine import workspace_tar
 from sealbox.engine.sealing import seal, unseal
 from sealbox.engine.spec import SandboxInfo, SandboxSpec
 from sealbox.errors import SandboxError
-from sealbox.guest.client import ExitStatus, GuestClient, Output
+from sealbox.guest.client import GuestClient
 
 TAR_NAME = "workspace.tar"
 SPEC_NAME = "resume.json"
 CHECKPOINT_NAME = "checkpoint"
-_CHUNK = 1 << 20
 UNLIMITED_SAVE = 16 * 1024**3
 """Most bytes a pause saves for a sandbox with no disk limit (the host's disk is not theirs)."""
 LOST_PROCESSES = ("the server restarted while the sandbox was paused: its processes and memory "
@@ -97,7 +95,13 @@ class PausedState:
         d.mkdir(parents=True, mode=0o700)
         try:
             if spec.workspace is None:
-                await _tar_out(guest, d / TAR_NAME, limit)
+                # Headers and padding make a tar a little larger than the files.
+                cap = int((limit or UNLIMITED_SAVE) * 1.1) + (1 << 20)
+                try:
+                    await workspace_tar.save(guest, d / TAR_NAME, cap)
+                except SandboxError as exc:
+                    raise SandboxError(f"cannot pause: {exc}") from None
+                (d / TAR_NAME).chmod(0o600)
             body = spec.model_dump(mode="json")
             for name, secret in spec.secrets.items():
                 body["secrets"][name]["value"] = secret.value.get_secret_value()
@@ -119,70 +123,7 @@ class PausedState:
     async def restore_files(self, guest: GuestClient, sandbox_id: str) -> None:
         tar = self.dir(sandbox_id) / TAR_NAME
         if tar.is_file():
-            await _tar_in(guest, tar)
-
-
-async def _tar_out(guest: GuestClient, dest: Path, limit: int | None) -> None:
-    # Members below /workspace, not "." itself: /workspace may be a root-owned tmpfs whose
-    # mode the sandbox user cannot set when unpacking. pipefail: a failing find fails the save.
-    handle = await guest.exec(["bash", "-c", "set -o pipefail; cd /workspace && find . -mindepth 1 "
-                               "-print0 | tar --null --no-recursion -T - -cf -"])
-    size = 0
-    err = b""
-    status: ExitStatus | None = None
-    with open(dest, "wb") as f:
-        async for item in handle:
-            if isinstance(item, Output):
-                if item.stream == "stdout":
-                    size += len(item.data)
-                    # Headers and padding make a tar a little larger than the files.
-                    if size > (limit or UNLIMITED_SAVE) * 1.1 + (1 << 20):
-                        await handle.signal(9)
-                        raise SandboxError("cannot pause: /workspace grew past the disk limit "
-                                           "while being saved")
-                    await asyncio.to_thread(f.write, item.data)
-                else:
-                    err += item.data[:4096]
-            else:
-                status = item
-    if status is None or status.exit_code != 0:
-        raise SandboxError("cannot pause: saving /workspace failed: "
-                           + err.decode(errors="replace").strip()[-500:])
-    dest.chmod(0o600)
-
-
-async def _chunks(path: Path) -> AsyncIterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := await asyncio.to_thread(f.read, _CHUNK):
-            yield chunk
-
-
-async def _tar_in(guest: GuestClient, src: Path) -> None:
-    # The sandbox unpacks its own files: the host never interprets what the sandbox wrote.
-    # --no-overwrite-dir: /workspace itself may belong to root (a tmpfs) and keeps its mode.
-    handle = await guest.exec(["tar", "-C", "/workspace", "--no-overwrite-dir", "-xf", "-"],
-                              stdin=True)
-    err = b""
-
-    async def feed() -> None:
-        async for chunk in _chunks(src):
-            await handle.write_stdin(chunk)
-        await handle.close_stdin()
-
-    feeder = asyncio.ensure_future(feed())
-    status: ExitStatus | None = None
-    try:
-        async for item in handle:
-            if isinstance(item, Output):
-                err += item.data[:4096]
-            else:
-                status = item
-        await feeder
-    finally:
-        feeder.cancel()
-    if status is None or status.exit_code != 0:
-        raise SandboxError("restoring /workspace failed: "
-                           + err.decode(errors="replace").strip()[-500:])
+            await workspace_tar.restore(guest, tar)
 
 
 def remaining_time(info: SandboxInfo, at: datetime | None = None) -> float | None:

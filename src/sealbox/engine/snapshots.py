@@ -1,10 +1,16 @@
 """Snapshots (a running sandbox's /workspace saved as a new template) and fork (a new sandbox
 with a copy of it).
 
-Filesystem only: /workspace is what a sandbox can write besides /tmp (which is not kept). The
-snapshot's layer is its parent template's (shared by hash, never copied); its workspace.tar is
-made by the sandbox's own tar, so hostile content never touches the host's filesystem. A fork
-is a copy, not copy-on-write: the parent's /workspace is streamed into the child's.
+Snapshots keep the filesystem: /workspace is what a sandbox can write besides /tmp (which is
+not kept). The snapshot's layer is its parent template's (shared by hash, never copied); its
+workspace.tar is made by the sandbox's own tar, so hostile content never touches the host's
+filesystem.
+
+A fork on a tier that can checkpoint (microvm) is the whole running sandbox: the parent is
+stopped for as long as saving its VM takes, then runs on, and the child is restored from that
+copy (processes, memory, /workspace and /tmp) with its own id, name, network, secrets'
+placeholders and fresh kernel randomness. Elsewhere a fork is a copy of /workspace streamed
+into a new sandbox. Neither is copy-on-write.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import secrets as pysecrets
 from typing import TYPE_CHECKING
 
 from sealbox.engine import workspace_tar
-from sealbox.engine.spec import SandboxInfo
+from sealbox.engine.spec import SandboxInfo, SandboxState
 from sealbox.engine.templates import TemplateInfo, check_name, dir_size, new_info
 from sealbox.errors import ConfigError, SandboxError
 
@@ -89,11 +95,26 @@ async def fork(engine: Engine, sandbox_id: str, owner: str | None) -> SandboxInf
         raise SandboxError(f"sandbox {sandbox_id} cannot be forked: its spec is not known")
     if spec.workspace is not None:
         raise ConfigError("this sandbox's /workspace is a host directory: a fork would share it")
+    child_spec = spec.model_copy(deep=True)
+    child_spec.metadata = {**spec.metadata, "sealbox.forked_from": sandbox_id}
+    if live.runtime.can_checkpoint:
+        # Checked first: a fork that cannot take the volumes must not stop the parent.
+        await asyncio.to_thread(engine.volumes.check, child_spec.volumes, live.info.owner)
+        saved = engine.templates.root / f".fork-{sandbox_id}-{pysecrets.token_hex(6)}"
+        try:
+            async with live.lock:  # not while a pause saves or resumes it
+                if live.ended.is_set() or live.info.state != SandboxState.running:
+                    raise SandboxError(f"sandbox {sandbox_id} is {live.info.state.value}, "
+                                       "not running")
+                await live.runtime.checkpoint(saved, keep_running=True)
+            info = await engine._create(child_spec, live.info.owner, restore=saved)
+        finally:
+            await asyncio.to_thread(_rmtree, saved)
+        engine.events.write(sandbox_id, "forked", child=info.id, processes=True)
+        return info
     tmp = engine.templates.root / f".fork-{sandbox_id}-{pysecrets.token_hex(6)}.tar"
     try:
         await workspace_tar.save(live.guest, tmp, _cap(engine, live.info.disk))
-        child_spec = spec.model_copy(deep=True)
-        child_spec.metadata = {**spec.metadata, "sealbox.forked_from": sandbox_id}
         info = await engine.create(child_spec, owner=live.info.owner)
         try:
             await workspace_tar.restore(engine.guest(info.id), tmp, clear=True)

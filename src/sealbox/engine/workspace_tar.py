@@ -17,11 +17,15 @@ CHUNK = 1 << 20
 
 
 async def save(guest: GuestClient, dest: Path, cap: int) -> int:
-    """Write /workspace as a tar file to DEST; its size. SandboxError past CAP bytes."""
+    """Write /workspace as a tar file to DEST; its size. SandboxError past CAP bytes.
+
+    The sandbox runs on while its tar reads: a file that vanishes meanwhile is left out and
+    one that changes is taken as tar read it (GNU tar's exit status 1), not a failure."""
     # The entries of /workspace, not "." itself: /workspace is the tier's mount point, whose
     # mode and times a sandbox user may not set (gVisor's tmpfs is root's).
     handle = await guest.exec(["/bin/sh", "-c", "cd /workspace && find . -mindepth 1 "
-                               "-maxdepth 1 -print0 | tar --null -T - --numeric-owner -cf -"])
+                               "-maxdepth 1 -print0 | tar --null -T - --numeric-owner "
+                               "--ignore-failed-read -cf -"])
     size = 0
     err = bytearray()
     with open(dest, "wb") as f:
@@ -40,7 +44,7 @@ async def save(guest: GuestClient, dest: Path, cap: int) -> int:
             await asyncio.to_thread(f.write, item.data)
         else:
             raise SandboxError("tar ended without an exit status")
-    if status.exit_code != 0:
+    if status.exit_code not in (0, 1):
         raise SandboxError(f"saving /workspace failed: {err.decode(errors='replace').strip()}")
     return size
 
@@ -59,4 +63,4 @@ async def restore(guest: GuestClient, tar: Path, clear: bool = False) -> None:
         text = err.decode(errors="replace").strip()
         full = "space" in text or "Wrote only" in text
         hint = " (it does not fit this sandbox's disk limit)" if full else ""
-        raise SandboxError(f"filling /workspace from the template failed{hint}: {text[-500:]}")
+        raise SandboxError(f"filling /workspace failed{hint}: {text[-500:]}")

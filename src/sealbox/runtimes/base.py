@@ -114,9 +114,11 @@ class RunningSandbox(Protocol):
     can_checkpoint: bool
     """Whether `checkpoint` can save processes and memory to disk (so a pause frees them)."""
 
-    async def checkpoint(self, dest: Path) -> None:
+    async def checkpoint(self, dest: Path, *, keep_running: bool = False) -> None:
         """Stop the sandbox and save it into DEST (a new directory) for `LaunchSpec.restore`;
-        `kill` then frees it. On failure it runs on."""
+        `kill` then frees it, unless KEEP_RUNNING (a fork: the saved copy becomes another
+        sandbox, which must not share this one's identity or randomness). On failure it runs
+        on."""
         ...
 
 
@@ -125,7 +127,7 @@ class NoCheckpoint:
 
     can_checkpoint = False
 
-    async def checkpoint(self, dest: Path) -> None:
+    async def checkpoint(self, dest: Path, *, keep_running: bool = False) -> None:
         raise SandboxError("this tier cannot save processes and memory to disk")
 
 

@@ -449,6 +449,8 @@ class MicrovmSandbox:
         """``restored from template KEY``, ``cold boot (why)`` or from a checkpoint."""
         self._killed = False
         self._stopped = False
+        self._clone = False
+        """Restored from a running sandbox's copy (a fork), not from its own pause."""
 
     @property
     def socket_path(self) -> Path:
@@ -541,6 +543,7 @@ class MicrovmSandbox:
         try:
             saved = json.loads((checkpoint / MACHINE).read_text())
             card = bool(saved["card"])
+            self._clone = bool(saved.get("clone"))
             if saved["key"] != self._machine_key(vcpus, card):
                 raise SandboxError("this paused microVM was saved by another QEMU, kernel, /usr "
                                    "image or VM size than this host has now; it cannot be "
@@ -553,7 +556,8 @@ class MicrovmSandbox:
         except (OSError, ValueError, KeyError) as exc:
             raise SandboxError(f"the paused microVM's saved state is unreadable: {exc}") from exc
         self._initrd, self._card = initrd, card
-        self.boot = "restored from its pause checkpoint"
+        self.boot = ("restored from a copy of a running VM (a fork)" if self._clone else
+                     "restored from its pause checkpoint")
         return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
                          (netdev or NULL_NETDEV) if card else None, TEMPLATE_MAC,
                          self._disks) + ["-incoming", f"fd:{self._state_fd}"]
@@ -639,13 +643,20 @@ class MicrovmSandbox:
         return client
 
     async def _reconfigure(self) -> None:
-        """A restored checkpoint's guest still has the clock and addresses of its pause: guest
-        root sets those of now (see /init) before anything else talks to it."""
+        """A restored checkpoint's guest still has the clock, addresses and name it was saved
+        with: guest root takes those of now (see /init) before anything else talks to it, and a
+        clone's kernel also takes fresh randomness (its random state is its source's)."""
         net = self._net
         resolv = self.spec.ro_files.get("/etc/resolv.conf")
+
+        def b64(data: bytes) -> str:
+            return base64.b64encode(data).decode() or "-"
+
         said = await self._control(" ".join([
             str(round(time.time())), net.address if net else "-", net.gateway if net else "-",
-            base64.b64encode(resolv.read_bytes() if resolv else b"").decode() or "-"]))
+            b64(resolv.read_bytes() if resolv else b""), self.spec.hostname,
+            b64((self.spec.run_dir / "etc" / "hosts").read_bytes()),
+            os.urandom(64).hex() if self._clone else "-"]))
         if said != "ok":
             raise SandboxError(f"the restored microVM did not take its new clock and network: "
                                f"{said or 'EOF'}")
@@ -738,17 +749,21 @@ class MicrovmSandbox:
 
     can_checkpoint = True
 
-    async def checkpoint(self, dest: Path) -> None:
+    async def checkpoint(self, dest: Path, *, keep_running: bool = False) -> None:
         """Stop the VM and save it into DEST (a new directory): memory, devices, and what a
-        restore must match. It stays stopped; `kill` then frees it. On failure it runs on."""
-        await asyncio.get_running_loop().run_in_executor(None, self._checkpoint, dest)
+        restore must match. It stays stopped (`kill` then frees it) unless KEEP_RUNNING, when
+        the copy is a clone: its restore gives the guest fresh randomness. On failure it runs
+        on."""
+        await asyncio.get_running_loop().run_in_executor(
+            None, self._checkpoint, dest, keep_running)
 
-    def _checkpoint(self, dest: Path) -> None:
+    def _checkpoint(self, dest: Path, keep_running: bool) -> None:
         assert self._initrd is not None
         dest.mkdir(mode=0o700)
         shutil.copyfile(self._initrd, dest / INITRD)
         (dest / MACHINE).write_text(json.dumps(
-            {"key": self._machine_key(self.vcpus, self._card), "card": self._card}))
+            {"key": self._machine_key(self.vcpus, self._card), "card": self._card,
+             "clone": keep_running}))
         deadline = time.monotonic() + SAVE_TIMEOUT + self.memory / SAVE_RATE
         with microvm_snapshot.qmp_session(self.qmp_path, deadline) as qmp:
             try:
@@ -757,7 +772,10 @@ class MicrovmSandbox:
                 with contextlib.suppress(OSError, SandboxError):
                     qmp.call("cont")
                 raise
-        self._stopped = True  # its volumes' state is in the checkpoint, with its memory
+            if keep_running:
+                qmp.call("cont")
+            else:
+                self._stopped = True  # its volumes' state is in the checkpoint, with its memory
 
     async def pause(self) -> None:
         self.cgroup.freeze(True)

@@ -103,16 +103,22 @@ mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /.init/cgroup \
   && echo +pids > /.init/cgroup/cgroup.subtree_control && mkdir /.init/cgroup/sandbox \
   || echo "init: no pids cgroup"
 # Root's channel from the host, for what the unprivileged agent cannot do: write volumes
-# back before the VM is killed ("sync"); when a paused VM is restored, set the clock and take
-# the new network's addresses ("TIME ADDRESS GATEWAY RESOLV_CONF_BASE64"). A write blocks
-# until a host is connected and a read sees EOF while none is, so the loop never spins.
+# back before the VM is killed ("sync"); when a saved VM is restored, take the clock, network,
+# name and (for a clone of a running VM) fresh kernel randomness of now: "TIME ADDRESS GATEWAY
+# RESOLV_CONF_B64 HOSTNAME HOSTS_B64 ENTROPY_HEX|-". A write blocks until a host is connected
+# and a read sees EOF while none is, so the loop never spins.
+RESEED='import fcntl, os, sys; f = os.open("/dev/urandom", os.O_WRONLY); os.write(f, bytes.fromhex(sys.argv[1])); fcntl.ioctl(f, 0x5207)'
 (
   exec 3<>/dev/virtio-ports/sealbox-ctl
   while echo ready >&3; do
-    read -r t a g r <&3 || continue
+    read -r t a g r h hs e <&3 || continue
     if [ "$t" = sync ]; then
       sync && echo ok >&3
-    elif date -u -s "@$t" >/dev/null && ip addr flush dev eth0 && ip addr add "$a" dev eth0 \
+    elif { [ "$e" = - ] || { /usr/bin/python3 -I -S -c "$RESEED" "$e" \
+            && echo "init: kernel randomness reseeded" > /dev/console; }; } \
+        && date -u -s "@$t" >/dev/null && hostname "$h" \
+        && echo "$hs" | base64 -d > /etc/hosts && echo "$h" > /etc/hostname \
+        && ip addr flush dev eth0 && ip addr add "$a" dev eth0 \
         && ip route replace default via "$g" && ip neigh flush dev eth0 \
         && echo "$r" | base64 -d > /etc/resolv.conf; then
       echo ok >&3
