@@ -580,6 +580,52 @@ async def test_microvm_fork_is_the_running_sandbox(tengine: Engine) -> None:
     assert gone(parent.id) == [] and (child_id is None or gone(child_id) == [])
 
 
+async def test_microvm_snapshot_keeps_the_running_sandbox(tengine: Engine) -> None:
+    """A microvm snapshot saves the running VM too: every microvm sandbox of the same size
+    made from it is a copy, processes and all, each with its own name and randomness. Other
+    tiers and sizes start from its files."""
+    if not registry.get("microvm").probe().ok:
+        pytest.skip(registry.get("microvm").probe().detail)
+    src = await tengine.create(SandboxSpec(runtime="microvm", timeout=300))
+    counter = ("i=0; while :; do i=$((i+1)); echo $i > /workspace/c.new && "
+               "mv /workspace/c.new /workspace/c; sleep 0.1; done")
+    try:
+        await tengine.run(src.id, ExecRequest(cmd=counter, background=True))
+        await sh(tengine, src.id, "while [ ! -s /workspace/c ] || [ $(cat /workspace/c) -lt 5 ]; "
+                                  "do sleep 0.1; done; echo in-memory > /tmp/m")
+        info = await tengine.snapshot(src.id, "mem-snap")
+        assert info.memory == "microvm"
+        _, at_snap = await sh(tengine, src.id, "cat /workspace/c")
+    finally:
+        await tengine.kill(src.id)
+    copies = [await tengine.create(SandboxSpec(runtime="microvm", template="mem-snap"))
+              for _ in range(2)]
+    try:
+        for c in copies:
+            code, out = await sh(tengine, c.id, "c=$(cat /workspace/c); sleep 1; "
+                                                "echo $c $(cat /workspace/c); cat /tmp/m; hostname")
+            assert code == 0, out
+            (first, later), m, host = out.split("\n")[0].split(), *out.split("\n")[1:3]
+            # The same shell, counting on from around where the snapshot was taken.
+            assert int(first) < int(at_snap) + 30 and int(later) > int(first), out
+            assert (m, host) == ("in-memory", c.id)
+            assert "init: kernel randomness reseeded" in console(c.id)
+    finally:
+        for c in copies:
+            await tengine.kill(c.id)
+    # Elsewhere (another tier, another VM size): its files, nothing running.
+    for spec in (SandboxSpec(runtime="namespace", template="mem-snap"),
+                 SandboxSpec(runtime="microvm", template="mem-snap", memory="256MiB")):
+        other = await tengine.create(spec)
+        try:
+            code, out = await sh(tengine, other.id, "c=$(cat /workspace/c); sleep 0.5; "
+                                                    "test $(cat /workspace/c) = $c && echo still; "
+                                                    "test -e /tmp/m || echo no-tmp")
+            assert out.split() == ["still", "no-tmp"], (spec.runtime, out)
+        finally:
+            await tengine.kill(other.id)
+
+
 async def test_hostile_snapshot_content(tengine: Engine, tmp_path: Path) -> None:
     marker = tmp_path / "host-marker"
     marker.write_text("host secret\n")

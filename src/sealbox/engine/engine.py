@@ -10,6 +10,7 @@ import builtins
 
 import asyncio
 import contextlib
+import logging
 import secrets as pysecrets
 import shutil
 import string
@@ -60,6 +61,9 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 def new_id() -> str:
     # Lowercase letters and digits only, so an id is a valid DNS label for preview URLs.
     return "sb" + "".join(pysecrets.choice(_ID_ALPHABET) for _ in range(12))
+
+
+log = logging.getLogger("sealbox.engine")
 
 
 def netns_name(sandbox_id: str) -> str:
@@ -240,8 +244,11 @@ class Engine:
         if live is None:
             if self._at_capacity():
                 await self.pools.evict_one()  # an idle pool member yields to a real request
-            live = await self._boot(spec, runtime, workspace, bare=False, owner=owner,
-                                    restore=restore)
+            if restore is None:
+                live = await self._copy_of_snapshot(spec, runtime, workspace, owner)
+            if live is None:
+                live = await self._boot(spec, runtime, workspace, bare=False, owner=owner,
+                                        restore=restore)
         live.spec = spec
         try:
             await self._claim(live, spec, owner, timeout, pooled)
@@ -249,6 +256,24 @@ class Engine:
             await self._finish(live, SandboxState.failed, f"failed to start: {exc}")
             raise
         return live.info.model_copy(deep=True)
+
+    async def _copy_of_snapshot(self, spec: SandboxSpec, runtime: Runtime,
+                                workspace: Path | None, owner: str | None) -> _Live | None:
+        """A sandbox of SPEC's template, if that is a memory snapshot of RUNTIME's tier: a copy
+        of the saved sandbox, processes and all, or (if the copy does not fit: another VM size
+        or volumes than the snapshot's) booted with its files. None if it is not one."""
+        template = self._template(spec, owner)
+        if template is None or template.memory is None or template.memory[0] != runtime.name:
+            return None
+        sandbox_id = new_id()
+        try:
+            return await self._boot(spec, runtime, workspace, bare=False, owner=owner,
+                                    sandbox_id=sandbox_id, restore=template.memory[1])
+        except SealboxError as exc:
+            log.info("sandbox %s: not a copy of snapshot %s (%s); booting it with its files",
+                     sandbox_id, template.name, exc)
+        return await self._boot(spec, runtime, workspace, bare=False, owner=owner,
+                                sandbox_id=sandbox_id)
 
     def _at_capacity(self) -> bool:
         cap = self.config.max_sandboxes

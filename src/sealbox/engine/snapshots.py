@@ -4,7 +4,9 @@ with a copy of it).
 Snapshots keep the filesystem: /workspace is what a sandbox can write besides /tmp (which is
 not kept). The snapshot's layer is its parent template's (shared by hash, never copied); its
 workspace.tar is made by the sandbox's own tar, so hostile content never touches the host's
-filesystem.
+filesystem. On a tier that can checkpoint (microvm) a snapshot also saves the running sandbox:
+sandboxes of that tier and VM size made from it start as copies of it (the engine's
+`_copy_of_snapshot`), each a clone like a fork's child; others start from its files.
 
 A fork on a tier that can checkpoint (microvm) is the whole running sandbox: the parent is
 stopped for as long as saving its VM takes, then runs on, and the child is restored from that
@@ -18,11 +20,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets as pysecrets
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sealbox.engine import workspace_tar
 from sealbox.engine.spec import SandboxInfo, SandboxState
-from sealbox.engine.templates import TemplateInfo, check_name, dir_size, new_info
+from sealbox.engine.templates import (
+    CHECKPOINT,
+    TemplateInfo,
+    check_name,
+    dir_size,
+    new_info,
+)
 from sealbox.errors import ConfigError, SandboxError
 
 if TYPE_CHECKING:
@@ -58,6 +67,14 @@ async def snapshot(engine: Engine, sandbox_id: str, name: str, owner: str | None
         tar = tmp / "workspace.tar"
         await workspace_tar.save(live.guest, tar, _cap(engine, live.info.disk))
         digest_src = await asyncio.to_thread(_sha256, tar)
+        memory = None
+        if live.runtime.can_checkpoint:
+            # The running sandbox too: it pauses for the save, then runs on.
+            async with live.lock:
+                _check_running(live.info, live.ended.is_set())
+                await live.runtime.checkpoint(tmp / CHECKPOINT, keep_running=True)
+            memory = live.info.runtime
+            digest_src += ":" + await asyncio.to_thread(_tree_sha256, tmp / CHECKPOINT)
         digest = hashlib.sha256(
             f"snapshot:{parent.layer if parent else ''}:{digest_src}".encode()).hexdigest()
         info = new_info(
@@ -65,7 +82,7 @@ async def snapshot(engine: Engine, sandbox_id: str, name: str, owner: str | None
             layer=parent.layer if parent else None,
             env=dict(parent.env) if parent else {}, workdir=parent.workdir if parent else None,
             start=parent.start if parent else None, owner=owner,
-            size=await asyncio.to_thread(dir_size, tmp),
+            size=await asyncio.to_thread(dir_size, tmp), memory=memory,
         )
         (tmp / "template.json").write_text(info.model_dump_json(indent=2))
         if store.cached(digest) is None:
@@ -80,6 +97,17 @@ async def snapshot(engine: Engine, sandbox_id: str, name: str, owner: str | None
     finally:
         if tmp.exists():
             await asyncio.to_thread(_rmtree, tmp)
+
+
+def _check_running(info: SandboxInfo, ending: bool) -> None:
+    if ending or info.state != SandboxState.running:
+        raise SandboxError(f"sandbox {info.id} is {info.state.value}, not running")
+
+
+def _tree_sha256(root: Path) -> str:
+    return hashlib.sha256("".join(
+        f"{p.relative_to(root)}:{_sha256(p)}\n" for p in sorted(root.rglob("*")) if p.is_file()
+    ).encode()).hexdigest()
 
 
 def _rmtree(path: object) -> None:
@@ -103,9 +131,7 @@ async def fork(engine: Engine, sandbox_id: str, owner: str | None) -> SandboxInf
         saved = engine.templates.root / f".fork-{sandbox_id}-{pysecrets.token_hex(6)}"
         try:
             async with live.lock:  # not while a pause saves or resumes it
-                if live.ended.is_set() or live.info.state != SandboxState.running:
-                    raise SandboxError(f"sandbox {sandbox_id} is {live.info.state.value}, "
-                                       "not running")
+                _check_running(live.info, live.ended.is_set())
                 await live.runtime.checkpoint(saved, keep_running=True)
             info = await engine._create(child_spec, live.info.owner, restore=saved)
         finally:

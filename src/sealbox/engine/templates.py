@@ -282,6 +282,9 @@ class TemplateInfo(BaseModel):
     workdir: str | None = None
     start: str | None = None
     size: int = Field(default=0, description="bytes on disk (layer + workspace)")
+    memory: str | None = Field(
+        default=None, description="the tier whose running sandbox a snapshot also saved "
+        "(microvm): sandboxes of that tier and size start as copies of it, processes and all")
     created_at: datetime
     owner: str | None = None
     spec: TemplateSpec | None = None
@@ -298,6 +301,8 @@ class Resolved:
     env: dict[str, str]
     workdir: str | None
     start: str | None
+    memory: tuple[str, Path] | None = None
+    """(tier, checkpoint): a running sandbox saved by a snapshot, to restore copies of."""
 
 
 _SCHEMA = """
@@ -440,9 +445,16 @@ class TemplateStore:
         layer = self.dir(info.layer) / "layer" if info.layer else None
         if layer is not None and not layer.is_dir():
             raise NotFoundError(f"template {name!r} is damaged: its layer is missing; rebuild it")
+        checkpoint = self.dir(info.hash) / CHECKPOINT
         return Resolved(name=info.name, hash=info.hash, layer=layer,
                         workspace_tar=tar if tar.is_file() else None, env=dict(info.env),
-                        workdir=info.workdir, start=info.start)
+                        workdir=info.workdir, start=info.start,
+                        memory=(info.memory, checkpoint) if info.memory and checkpoint.is_dir()
+                        else None)
+
+
+CHECKPOINT = "checkpoint"
+"""In a memory snapshot's directory: the tier's saved sandbox (`RunningSandbox.checkpoint`)."""
 
 
 def dir_size(path: Path) -> int:
