@@ -112,21 +112,28 @@ async def test_read_only_mounts_cannot_write_and_can_share(engine: Engine, runti
 
 
 async def test_volume_moves_between_tiers(engine: Engine, data_dir: Path) -> None:
-    """Written on namespace (its host uid), then on microvm (a disk: the guest's uid 1000),
-    then read on namespace and microvm at once (a host read-only mount and a read-only disk
-    of the same image)."""
+    """Written on namespace (its host uid), then on microvm (a disk the guest gives to its
+    uid 1000). From then on the host kernel never mounts it (a VM wrote its blocks): the
+    other tiers are refused, microvm sandboxes share it read-only as disks."""
     engine.volumes.create(VolumeCreate(name="move", size="32MiB"))
     ns = await engine.create(SandboxSpec(runtime="namespace", volumes=[mount("move")]))
     assert await sh(engine, ns.id, "echo ns > /data/f && mkdir /data/d") == (0, "")
     await engine.kill(ns.id)
+    assert engine.volumes.get("move").vm_only is False
     vm = await engine.create(SandboxSpec(runtime="microvm", volumes=[mount("move", "/w/v")]))
     code, out = await sh(engine, vm.id, "echo vm >> /w/v/f && echo x > /w/v/d/g && "
-                                        "cat /w/v/f && stat -c %u /w/v/f")
-    assert (code, out) == (0, "ns\nvm\n1000\n"), out
+                                        "cat /w/v/f && stat -c %u /w/v/f /w/v/d")
+    assert (code, out) == (0, "ns\nvm\n1000\n1000\n"), out
     assert mounted(data_dir) == []  # a guest's disk: the host has it nowhere
     await engine.kill(vm.id)
-    readers = [await engine.create(SandboxSpec(runtime=t, volumes=[mount("move", ro=True)]))
-               for t in ("namespace", "microvm")]
+    assert engine.volumes.get("move").vm_only is True
+    for tier in ("namespace", "gvisor"):
+        for ro in (False, True):
+            with pytest.raises(ConfigError, match="written by a microVM"):
+                await engine.create(SandboxSpec(runtime=tier, volumes=[mount("move", ro=ro)]))
+    readers = [await engine.create(SandboxSpec(runtime="microvm",
+                                               volumes=[mount("move", ro=True)]))
+               for _ in range(2)]
     for r in readers:
         assert await sh(engine, r.id, "cat /data/f /data/d/g") == (0, "ns\nvm\nx\n")
     for r in readers:

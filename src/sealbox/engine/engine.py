@@ -235,7 +235,8 @@ class Engine:
             if not workspace.is_dir():
                 raise ConfigError(f"workspace {spec.workspace!r} is not a directory")
         if spec.volumes:
-            await asyncio.to_thread(self.volumes.check, spec.volumes, owner)
+            await asyncio.to_thread(self.volumes.check, spec.volumes, owner,
+                                    disks=runtime.volume_disks)
         self.gateway.check_policy(list(spec.allow_net))  # bad input must not cost a member
         # A warm pool member if one matches (claiming takes milliseconds), else a cold boot.
         # Volumes are bind-mounted at boot, so a sandbox with volumes never comes from a pool.
@@ -318,14 +319,12 @@ class Engine:
                 )
                 for name, placeholder in attachment.placeholders.items():
                     info.secrets[name].placeholder = placeholder
-                uid = volume_uid(runtime.name, sandbox_id, workspace)
                 mounts = await run_to_completion(
-                    self.volumes.attach, info.volumes, sandbox_id, owner, uid,
+                    self.volumes.attach, info.volumes, sandbox_id, owner,
+                    volume_uid(runtime.name, sandbox_id, workspace),
                 ) if info.volumes and not runtime.volume_disks else []
                 disks = await run_to_completion(
-                    # A restored guest has the volume mounted in its memory: hands off.
                     self.volumes.attach_disks, info.volumes, sandbox_id, owner,
-                    uid if restore is None else None,
                 ) if info.volumes and runtime.volume_disks else []
                 launch = LaunchSpec(
                     sandbox_id=sandbox_id, netns=ns, run_dir=run_dir,
@@ -585,7 +584,8 @@ class Engine:
         runtime = registry.lookup(old.runtime)
         workspace = Path(spec.workspace) if spec.workspace else None
         if spec.volumes:
-            await asyncio.to_thread(self.volumes.check, spec.volumes, old.owner, sandbox_id)
+            await asyncio.to_thread(self.volumes.check, spec.volumes, old.owner, sandbox_id,
+                                    disks=runtime.volume_disks)
         self.store.adopt(sandbox_id)  # ours now: nobody else reconciles it away meanwhile
         note = old.resume_note or LOST_PROCESSES
         live: _Live | None = None

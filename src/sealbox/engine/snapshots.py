@@ -127,7 +127,8 @@ async def fork(engine: Engine, sandbox_id: str, owner: str | None) -> SandboxInf
     child_spec.metadata = {**spec.metadata, "sealbox.forked_from": sandbox_id}
     if live.runtime.can_checkpoint:
         # Checked first: a fork that cannot take the volumes must not stop the parent.
-        await asyncio.to_thread(engine.volumes.check, child_spec.volumes, live.info.owner)
+        await asyncio.to_thread(engine.volumes.check, child_spec.volumes, live.info.owner,
+                                disks=True)
         saved = engine.templates.root / f".fork-{sandbox_id}-{pysecrets.token_hex(6)}"
         try:
             async with live.lock:  # not while a pause saves or resumes it

@@ -34,6 +34,8 @@ DEFAULT_SIZE = 1024**3
 MIN_SIZE = 16 * 1024**2
 MAX_SIZE = 16 * 1024**4
 T = TypeVar("T")
+VM_WRITTEN = "vm_written"
+"""In volume.json: a VM had it read-write (see `Volumes.attach_disks`)."""
 LOCAL_TENANT = "_local"
 """Owner of volumes made without a tenant (embedded engine: CLI `run`, SDK without a server).
 Not a valid API tenant name, so no API key can reach these."""
@@ -62,6 +64,9 @@ class VolumeInfo(BaseModel):
     created_at: datetime
     used_by: list[str] = Field(default_factory=list, description="ids of sandboxes using it")
     mounted: bool = False
+    vm_only: bool = Field(default=False, description="written by a microVM: only microvm "
+                          "sandboxes may use it (the host kernel never mounts a file system "
+                          "whose blocks a VM wrote)")
 
 
 def mount_root(data_dir: Path, run_root: Path) -> Path:
@@ -132,6 +137,7 @@ class Volumes:
             name=name, size=meta["size"], owner=tenant, created_at=meta["created_at"],
             used_by=sorted(self._users(tenant, name, running_only=False)),
             mounted=sysvol.is_mounted(self._mountpoint(tenant, name)),
+            vm_only=bool(meta.get(VM_WRITTEN)),
         )
 
     # ----- CRUD --------------------------------------------------------------------------
@@ -185,12 +191,20 @@ class Volumes:
 
     # ----- sandboxes ---------------------------------------------------------------------
     def check(self, mounts: builtins.list[VolumeMount], owner: str | None,
-              sandbox_id: str | None = None) -> None:
-        """Raise now (before anything is started) if MOUNTS cannot be attached."""
+              sandbox_id: str | None = None, *, disks: bool = False) -> None:
+        """Raise now (before anything is started) if MOUNTS cannot be attached (as DISKS: to
+        a tier that takes volumes as disks)."""
         tenant = _tenant(owner)
         for m in mounts:
-            self._meta(tenant, m.name)
+            self._check_host(self._meta(tenant, m.name), m.name, disks)
             self._check_free(tenant, m, sandbox_id)
+
+    @staticmethod
+    def _check_host(meta: dict[str, Any], name: str, disks: bool) -> None:
+        if meta.get(VM_WRITTEN) and not disks:
+            raise ConfigError(f"volume {name!r} was written by a microVM: the host does not "
+                              "mount a file system a VM wrote, so only --runtime microvm "
+                              "sandboxes can use it")
 
     def _check_free(self, tenant: str, m: VolumeMount, sandbox_id: str | None) -> None:
         users = self._users(tenant, m.name, running_only=False)
@@ -219,33 +233,30 @@ class Volumes:
         return self._claim(mounts, sandbox_id, owner, mount)
 
     def attach_disks(self, mounts: builtins.list[VolumeMount], sandbox_id: str,
-                     owner: str | None, uid: int | None) -> builtins.list[VolumeDisk]:
+                     owner: str | None) -> builtins.list[VolumeDisk]:
         """Claim each volume for SANDBOX_ID as its image file, which the tier attaches as a disk
-        (the host never has a volume mounted while a guest may write it). UID as for `attach`;
-        None leaves owners alone (a sandbox restored with the volume mounted in its memory)."""
+        (the guest gives a read-write one's files to its sandbox user). A volume a VM may have
+        written is never mounted by the host again: its blocks are the guest's to forge."""
 
         def disk(tenant: str, m: VolumeMount) -> VolumeDisk:
-            if not m.read_only and uid is not None:
-                # One writer: nobody else has it mounted, and neither may the host afterwards.
-                mp = self._mount(tenant, m.name)
-                try:
-                    sysvol.chown_tree(mp, uid, uid)
-                    mp.chmod(0o755)
-                finally:
-                    self._unmount(mp)
-            return VolumeDisk(self._dir(tenant, m.name) / sysvol.IMAGE_NAME, m.path,
-                              m.read_only)
+            vdir = self._dir(tenant, m.name)
+            if not m.read_only:
+                meta = self._meta(tenant, m.name)
+                if not meta.get(VM_WRITTEN):
+                    self._unmount(self._mountpoint(tenant, m.name))  # one writer: unused
+                    (vdir / "volume.json").write_text(json.dumps({**meta, VM_WRITTEN: True}))
+            return VolumeDisk(vdir / sysvol.IMAGE_NAME, m.path, m.read_only)
 
-        return self._claim(mounts, sandbox_id, owner, disk)
+        return self._claim(mounts, sandbox_id, owner, disk, disks=True)
 
     def _claim(self, mounts: builtins.list[VolumeMount], sandbox_id: str, owner: str | None,
-               each: Callable[[str, VolumeMount], T]) -> builtins.list[T]:
+               each: Callable[[str, VolumeMount], T], disks: bool = False) -> builtins.list[T]:
         tenant = _tenant(owner)
         out: builtins.list[T] = []
         with self._locked():
             try:
                 for m in mounts:
-                    self._meta(tenant, m.name)
+                    self._check_host(self._meta(tenant, m.name), m.name, disks)
                     self._check_free(tenant, m, sandbox_id)
                     self._claims.setdefault((tenant, m.name), {})[sandbox_id] = m.read_only
                     out.append(each(tenant, m))

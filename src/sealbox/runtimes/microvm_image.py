@@ -83,6 +83,9 @@ while [ "$i" -lt "${SBX_VOLUMES:-0}" ]; do
   eval "path=\$SBX_VOL_$i ro=\$SBX_VOLRO_$i"
   mkdir -p "$path" && mount -t ext4 -o "nosuid,nodev${ro:+,ro,noload}" \
     "$(disk "sealbox-vol-$i")" "$path" || { echo "init: volume $i failed"; reboot -f; }
+  # Read-write: the sandbox user's, as what other tiers' sandboxes wrote there is theirs.
+  [ -n "$ro" ] || find "$path" ! -user 1000 -exec chown -h 1000:1000 {} + \
+    || { echo "init: volume $i failed"; reboot -f; }
   i=$((i + 1))
 done
 mount -t tmpfs -o nosuid,nodev,mode=0755,size=16m tmpfs /run
