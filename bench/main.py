@@ -726,6 +726,35 @@ class Bench:
         self.report.add(Row("resume (→ first exec)", tier, "s", firsts, "engine.resume alone",
                             resumes))
 
+    # 10. fork
+    async def fork(self, tier: str) -> None:
+        """fork → first exec in the child, against a cold create → first exec of the same
+        tier, in the same run. The parent runs a background process and holds 8 MiB in
+        /workspace; on microvm the fork carries its memory and processes."""
+        n = self.s.reps(tier, 8, 3, 3)
+        sid = await self._sandbox(tier)
+        forks: list[float] = []
+        colds: list[float] = []
+        try:
+            await self._run(sid, "head -c 8388608 /dev/urandom > /workspace/blob; "
+                                 "sleep 3600 >/dev/null 2>&1 &")
+            for _ in range(n):
+                t0 = time.perf_counter()
+                child = await self.engine.fork(sid)
+                await self._run(child.id, ["true"])
+                forks.append(time.perf_counter() - t0)
+                await self.engine.kill(child.id)
+                t0 = time.perf_counter()
+                cold = await self._sandbox(tier)
+                await self._run(cold, ["true"])
+                colds.append(time.perf_counter() - t0)
+                await self.engine.kill(cold)
+        finally:
+            await self.engine.kill(sid)
+        what = "memory and processes" if tier == "microvm" else "/workspace (8 MiB)"
+        self.report.add(Row("fork (→ first exec in the child)", tier, "s", forks,
+                            "cold create → first exec", colds, note=f"the child gets {what}"))
+
 
 def mem_available() -> int:
     return _meminfo("MemAvailable")
@@ -903,6 +932,8 @@ async def run_all(settings: Settings, report: Report, only: set[str] | None) -> 
                     await guard(f"memory {t}", lambda t=t: bench.memory(t))
                 if wanted("pause"):
                     await guard(f"pause {t}", lambda t=t: bench.pause_resume(t))
+                if wanted("fork"):
+                    await guard(f"fork {t}", lambda t=t: bench.fork(t))
             for t in tiers:
                 if wanted("throughput"):
                     await guard(f"throughput {t}", lambda t=t: bench.throughput(t))
@@ -948,8 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiers", default=",".join(TIERS),
                     help="comma-separated tiers (default: all three)")
     ap.add_argument("--only", default="",
-                    help="comma-separated subset of start,snapshot,pool,exec,memory,pause,"
-                         "throughput,density,workload,egress")
+                    help="comma-separated subset of start,snapshot,pool,exec,memory,pause,fork,"
+                         "throughput,density,workload,egress,reach")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.json"))
     ap.add_argument("--chart", default=str(ROOT / "docs" / "benchmarks.png"),
                     help="PNG chart of the headline numbers ('' = none)")
