@@ -25,10 +25,12 @@ from typing import Any
 
 import pytest
 from conftest import RUN_ROOT, gone
+from test_pools import wait_ready, was_pooled
 
 from sealbox.egress.gateway import ResolvePin
 from sealbox.engine.config import EngineConfig
 from sealbox.engine.engine import Engine
+from sealbox.engine.pools import PoolConfig
 from sealbox.engine.spec import ExecRequest, SandboxSpec
 from sealbox.engine.templates import TemplateFile, TemplateSpec
 from sealbox.errors import CommandError, ConfigError, NotFoundError, SandboxError
@@ -600,17 +602,29 @@ async def test_microvm_snapshot_keeps_the_running_sandbox(tengine: Engine) -> No
         await tengine.kill(src.id)
     copies = [await tengine.create(SandboxSpec(runtime="microvm", template="mem-snap"))
               for _ in range(2)]
+    # A warm pool of the snapshot holds copies too; a claim gives the claimant's id and env.
+    await tengine.pools.set(PoolConfig(template="mem-snap", runtime="microvm", size=1))
+    await wait_ready(tengine, "mem-snap/microvm", 1)
+    pooled = await tengine.create(SandboxSpec(runtime="microvm", template="mem-snap",
+                                              env={"WHO": "claimant"}))
+    assert was_pooled(tengine, pooled.id)
+    copies.append(pooled)
     try:
         for c in copies:
             code, out = await sh(tengine, c.id, "c=$(cat /workspace/c); sleep 1; "
-                                                "echo $c $(cat /workspace/c); cat /tmp/m; hostname")
+                                                "echo $c $(cat /workspace/c); cat /tmp/m; hostname;"
+                                                " echo $SEALBOX_SANDBOX_ID $WHO")
             assert code == 0, out
-            (first, later), m, host = out.split("\n")[0].split(), *out.split("\n")[1:3]
+            lines = out.split("\n")
+            (first, later), m, host = lines[0].split(), lines[1], lines[2]
             # The same shell, counting on from around where the snapshot was taken.
-            assert int(first) < int(at_snap) + 30 and int(later) > int(first), out
+            assert int(first) < int(at_snap) + 60 and int(later) > int(first), out
             assert (m, host) == ("in-memory", c.id)
+            assert lines[3].split()[0] == c.id
             assert "init: kernel randomness reseeded" in console(c.id)
+        assert lines[3] == f"{pooled.id} claimant"
     finally:
+        await tengine.pools.remove("mem-snap", "microvm")
         for c in copies:
             await tengine.kill(c.id)
     # Elsewhere (another tier, another VM size): its files, nothing running.

@@ -245,11 +245,8 @@ class Engine:
         if live is None:
             if self._at_capacity():
                 await self.pools.evict_one()  # an idle pool member yields to a real request
-            if restore is None:
-                live = await self._copy_of_snapshot(spec, runtime, workspace, owner)
-            if live is None:
-                live = await self._boot(spec, runtime, workspace, bare=False, owner=owner,
-                                        restore=restore)
+            live = await self._start(spec, runtime, workspace, bare=False, owner=owner,
+                                     restore=restore)
         live.spec = spec
         try:
             await self._claim(live, spec, owner, timeout, pooled)
@@ -258,23 +255,27 @@ class Engine:
             raise
         return live.info.model_copy(deep=True)
 
-    async def _copy_of_snapshot(self, spec: SandboxSpec, runtime: Runtime,
-                                workspace: Path | None, owner: str | None) -> _Live | None:
-        """A sandbox of SPEC's template, if that is a memory snapshot of RUNTIME's tier: a copy
-        of the saved sandbox, processes and all, or (if the copy does not fit: another VM size
-        or volumes than the snapshot's) booted with its files. None if it is not one."""
-        template = self._template(spec, owner)
-        if template is None or template.memory is None or template.memory[0] != runtime.name:
-            return None
-        sandbox_id = new_id()
-        try:
-            return await self._boot(spec, runtime, workspace, bare=False, owner=owner,
-                                    sandbox_id=sandbox_id, restore=template.memory[1])
-        except SealboxError as exc:
-            log.info("sandbox %s: not a copy of snapshot %s (%s); booting it with its files",
-                     sandbox_id, template.name, exc)
-        return await self._boot(spec, runtime, workspace, bare=False, owner=owner,
-                                sandbox_id=sandbox_id)
+    async def _start(self, spec: SandboxSpec, runtime: Runtime, workspace: Path | None, *,
+                     bare: bool, owner: str | None = None,
+                     metadata: dict[str, str] | None = None,
+                     restore: Path | None = None) -> _Live:
+        """`_boot`, except that a sandbox of a memory snapshot of RUNTIME's tier starts as a
+        copy of the saved sandbox, processes and all (booted with the snapshot's files if the
+        copy does not fit: another VM size or volumes than the snapshot's)."""
+        template = self._template(spec, owner) if restore is None else None
+        if template is not None and template.memory and template.memory[0] == runtime.name:
+            sandbox_id = new_id()
+            try:
+                return await self._boot(spec, runtime, workspace, bare=bare, owner=owner,
+                                        metadata=metadata, sandbox_id=sandbox_id,
+                                        restore=template.memory[1])
+            except SealboxError as exc:
+                log.info("sandbox %s: not a copy of snapshot %s (%s); booting it with its "
+                         "files", sandbox_id, template.name, exc)
+            return await self._boot(spec, runtime, workspace, bare=bare, owner=owner,
+                                    metadata=metadata, sandbox_id=sandbox_id)
+        return await self._boot(spec, runtime, workspace, bare=bare, owner=owner,
+                                metadata=metadata, restore=restore)
 
     def _at_capacity(self) -> bool:
         cap = self.config.max_sandboxes
@@ -375,7 +376,7 @@ class Engine:
             await self.gateway.set_policy(sandbox_id, list(spec.allow_net))
             placeholders = self.gateway.bind_secrets(sandbox_id, dict(spec.secrets))
             # The agent's env was fixed at boot: every command gets these merged in instead.
-            live.env = {**placeholders, **spec.env}
+            live.env = {**live.env, **placeholders, **spec.env}
             info.allow_net = list(spec.allow_net)
             info.secrets = {k: SecretInfo(hosts=list(v.hosts), placeholder=placeholders[k])
                             for k, v in spec.secrets.items()}

@@ -301,8 +301,8 @@ class Pools:
         pool.booting += 1
         try:
             template_hash = self._template_hash(config.template, None)
-            member = await engine._boot(config.spec(), registry.get(config.runtime), None,
-                                        bare=True, metadata={POOL_LABEL: config.key})
+            member = await engine._start(config.spec(), registry.get(config.runtime), None,
+                                         bare=True, metadata={POOL_LABEL: config.key})
         except SealboxError as exc:
             log.warning("pool %s: boot failed: %s", config.key, exc.message)
             raise

@@ -6,7 +6,7 @@ not kept). The snapshot's layer is its parent template's (shared by hash, never 
 workspace.tar is made by the sandbox's own tar, so hostile content never touches the host's
 filesystem. On a tier that can checkpoint (microvm) a snapshot also saves the running sandbox:
 sandboxes of that tier and VM size made from it start as copies of it (the engine's
-`_copy_of_snapshot`), each a clone like a fork's child; others start from its files.
+`_start`, warm pools too), each a clone like a fork's child; others start from its files.
 
 A fork on a tier that can checkpoint (microvm) is the whole running sandbox: the parent is
 stopped for as long as saving its VM takes, then runs on, and the child is restored from that
