@@ -163,7 +163,9 @@ def ls() -> None:
             await close_shared_engine()
         table = Table("NAME", "HASH", "KIND", "PARENT", "SIZE", "CREATED", box=None)
         for i in infos:
-            table.add_row(i.name, i.hash[:12], i.kind, i.parent or "-", f"{i.size / 1e6:.1f}MB",
+            # A microvm snapshot that also keeps the running VM says so.
+            kind = f"{i.kind}+memory" if i.memory else i.kind
+            table.add_row(i.name, i.hash[:12], kind, i.parent or "-", f"{i.size / 1e6:.1f}MB",
                           i.created_at.strftime("%Y-%m-%d %H:%M"))
         console.print(table)
 

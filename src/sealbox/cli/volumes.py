@@ -47,10 +47,10 @@ def ls() -> None:
         finally:
             await close_shared_engine()
 
-    table = Table("NAME", "SIZE", "CREATED", "USED BY", box=None)
+    table = Table("NAME", "SIZE", "CREATED", "USED BY", "TIERS", box=None)
     for v in run_async(main):
         table.add_row(v.name, format_size(v.size), v.created_at.strftime("%Y-%m-%d %H:%M"),
-                      ", ".join(v.used_by) or "-")
+                      ", ".join(v.used_by) or "-", "microvm only" if v.vm_only else "all")
     console.print(table)
 
 
