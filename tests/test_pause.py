@@ -313,7 +313,7 @@ def test_microvm_paused_to_disk_survives_server_sigkill_with_its_processes(
             assert sb.info.resumed_processes is True
             assert sb.info.secrets["TOKEN"].placeholder == placeholder
             after = int(sb.exec("cat /workspace/c").stdout)
-            assert at_pause <= after < at_pause + 15, (at_pause, after)  # not from 1 again
+            assert at_pause <= after < at_pause + 40, (at_pause, after)  # not from 1 again
             assert sb.exec("sha256sum /tmp/blob").stdout == blob_sum  # memory-only tmpfs
             assert sb.exec("echo $K $TOKEN").stdout == f"v {placeholder}\n"
         assert not saved.exists()
