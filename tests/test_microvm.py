@@ -105,8 +105,12 @@ async def test_guest_kernel_memory_files_and_network(engine: Engine) -> None:
 ESCAPE_PIDS_CGROUP = (
     "for t in 'echo 100000 > /.init/cgroup/sandbox/pids.max' "
     "'echo $$ > /.init/cgroup/cgroup.procs' 'echo max > /.init/cgroup/sandbox/pids.max' "
-    "'mkdir /.init/cgroup/mine' 'umount /.init/cgroup'; do "
+    "'mkdir /.init/cgroup/mine' 'umount /.init/cgroup' "
+    # Guest root's control port (clock, network, randomness) is not the sandbox user's.
+    "'echo sync > /dev/virtio-ports/sealbox-ctl' 'head -c1 /dev/virtio-ports/sealbox-ctl' "
+    "'echo 1 2 3 > /dev/vport0p2'; do "
     "sh -c \"$t\" 2>/dev/null && echo \"ESCAPED: $t\"; done; "
+    "test -c /dev/virtio-ports/sealbox-ctl && echo ctl-present; "
     "cat /.init/cgroup/sandbox/pids.max; grep -c . /.init/cgroup/sandbox/cgroup.procs >/dev/null"
     " && grep -qx \"$$\" /.init/cgroup/sandbox/cgroup.procs && echo inside")
 
@@ -117,12 +121,13 @@ ESCAPE_PIDS_CGROUP = (
 async def test_pids_limit_is_a_guest_cgroup_the_sandbox_cannot_leave(engine: Engine,
                                                                      memory: str) -> None:
     """Restored from the snapshot template (512 MiB) or booted cold (256 MiB), the sandbox's
-    processes sit in a pids cgroup whose limit they can read but not raise or leave."""
+    processes sit in a pids cgroup whose limit they can read but not raise or leave, and guest
+    root's control port is out of their reach."""
     info = await engine.create(SandboxSpec(runtime="microvm", memory=memory, pids=64))
     try:
         r = await engine.run(info.id, ExecRequest(cmd=ESCAPE_PIDS_CGROUP))
         assert "ESCAPED" not in r.stdout, r
-        assert r.stdout.split() == ["64", "inside"], r
+        assert r.stdout.split() == ["ctl-present", "64", "inside"], r
     finally:
         await engine.kill(info.id)
 
