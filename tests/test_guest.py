@@ -126,6 +126,18 @@ async def client(agent: Agent) -> AsyncIterator[GuestClient]:
 
 # ----- exec ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("args, needle", [
+    ([], "exactly one of"), (["--stdio", "--serial", "/dev/null"], "exactly one of"),
+    (["--listen-fd"], "bad argument '--listen-fd'"), (["--listen-fd", "x"], "takes a number"),
+    (["--bogus"], "bad argument '--bogus'"),
+])
+def test_agent_command_line_errors_are_clear(args: list[str], needle: str) -> None:
+    r = subprocess.run([sys.executable, "-I", str(AGENT), *args], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1 and needle in r.stderr and "usage: agent.py" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="no system python3")
 async def test_system_python_runs_the_agent(tmp_path: Path) -> None:
     a = Agent(tmp_path, python=SYSTEM_PYTHON)

@@ -8,7 +8,13 @@ PATH``, ``--serial PATH``, ``--stdio``) with nothing but the standard library an
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":
+    # Run as a sandbox's agent, which never speaks TLS: asyncio then skips loading the ssl
+    # module and its libraries, part of every sandbox's start (~10x dearer under gVisor).
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+
 import asyncio
 import errno
 import fcntl
@@ -19,7 +25,6 @@ import signal
 import socket
 import stat
 import struct
-import sys
 import tempfile
 import termios
 import traceback
@@ -729,29 +734,54 @@ FOLLOW_UPS = frozenset({"stdin", "stdin_close", "signal", "resize", "credit", "d
                         "cancel"})
 
 
+USAGE = ("usage: agent.py (--listen-fd FD | --listen-unix PATH | --serial PATH | --stdio) "
+         "[--workspace DIR] [--pids-events PATH]\n"
+         "  --listen-fd FD       an inherited listening unix socket\n"
+         "  --listen-unix PATH   listen on a new unix socket at this path\n"
+         "  --serial PATH        a character device (virtio-serial port) as the stream\n"
+         "  --stdio              one connection on stdin/stdout\n"
+         "  --workspace DIR      base of relative paths (default /workspace)\n"
+         "  --pids-events PATH   the sandbox's pids cgroup's pids.events: a command during "
+         "which it counts a refused fork ends with limit 'pids'")
+_VALUED = ("--listen-fd", "--listen-unix", "--serial", "--workspace", "--pids-events")
+_MODES = ("--listen-fd", "--listen-unix", "--serial", "--stdio")
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """Option -> value ("" for --stdio). Not argparse: importing it is a measurable part of
+    every sandbox's start, and this command line is written by sealbox, not typed."""
+    opts: dict[str, str] = {}
+    args = iter(argv)
+    for arg in args:
+        if arg == "--stdio":
+            opts[arg] = ""
+        elif arg in _VALUED and (value := next(args, None)) is not None:
+            opts[arg] = value
+        else:
+            sys.exit(f"agent.py: bad argument {arg!r}\n{USAGE}")
+    if sum(mode in opts for mode in _MODES) != 1:
+        sys.exit(f"agent.py: give exactly one of {', '.join(_MODES)}\n{USAGE}")
+    if "--listen-fd" in opts and not opts["--listen-fd"].isdigit():
+        sys.exit(f"agent.py: --listen-fd takes a number\n{USAGE}")
+    return opts
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--listen-fd", type=int, help="an inherited listening unix socket")
-    where.add_argument("--listen-unix", help="listen on a new unix socket at this path")
-    where.add_argument("--serial", help="a character device (virtio-serial port) as the stream")
-    where.add_argument("--stdio", action="store_true", help="one connection on stdin/stdout")
-    parser.add_argument("--workspace", default="/workspace", help="base of relative paths")
-    parser.add_argument("--pids-events", help="the sandbox's pids cgroup's pids.events: a "
-                        "command during which it counts a refused fork ends with limit 'pids'")
-    args = parser.parse_args(argv)
-    agent = Agent(os.path.abspath(args.workspace), args.pids_events)
-    if args.listen_fd is not None:
-        run = agent.serve_listener(socket.socket(fileno=args.listen_fd))
-    elif args.listen_unix:
-        if os.path.exists(args.listen_unix):
-            os.unlink(args.listen_unix)
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    agent = Agent(os.path.abspath(opts.get("--workspace", "/workspace")),
+                  opts.get("--pids-events"))
+    if "--listen-fd" in opts:
+        run = agent.serve_listener(socket.socket(fileno=int(opts["--listen-fd"])))
+    elif "--listen-unix" in opts:
+        path = opts["--listen-unix"]
+        if os.path.exists(path):
+            os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(args.listen_unix)
+        sock.bind(path)
         sock.listen(64)
         run = agent.serve_listener(sock)
-    elif args.serial:
-        run = agent.serve_serial(args.serial)
+    elif "--serial" in opts:
+        run = agent.serve_serial(opts["--serial"])
     else:
         run = agent.serve_fds(0, 1)
     try:
