@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,19 +19,16 @@ from pathlib import Path
 
 import httpx
 
+# The tests' server harness: a real `sealbox server` in a subprocess, as an operator runs it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.server import free_port, running_server  # noqa: E402
+
 ADMIN_KEY = "sbk_bench-admin-key-0123456789abcdefghijklmnopqrstuv"
 APP_PORT = 8080
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
             "-F", "/dev/null"]
 SEALBOX = str(Path(sys.executable).with_name("sealbox"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_http(url: str, timeout: float = 30.0, **kw: object) -> None:
@@ -82,12 +78,7 @@ def measure(tmp: Path, quick: bool) -> dict[str, tuple[list[float], list[float]]
     """{name: (through sealbox, baseline)} samples, seconds or bytes per second."""
     n_req, n_big, n_exec = (20, 2, 5) if quick else (100, 4, 15)
     data = tmp / "reach-data"
-    port, ssh_port, direct_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "SEALBOX_ADMIN_KEY": ADMIN_KEY}
-    code = ("import sys; from pathlib import Path; from sealbox.api.server import run_server; "
-            "run_server(port=int(sys.argv[1]), data_dir=Path(sys.argv[2]), log_level='warning',"
-            " ssh_port=int(sys.argv[3]))")
-    url = f"http://127.0.0.1:{port}"
+    direct_port = free_port()
     files = tmp / "reach-files"
     files.mkdir()
     (files / "small").write_bytes(b"x" * 1024)
@@ -95,11 +86,10 @@ def measure(tmp: Path, quick: bool) -> dict[str, tuple[list[float], list[float]]
     key = tmp / "reach-key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     out: dict[str, tuple[list[float], list[float]]] = {}
-    with (process([sys.executable, "-c", code, str(port), str(data), str(ssh_port)],
-                  tmp / "reach-server.log", env=env),
+    with (running_server(data, ADMIN_KEY, ssh_port=free_port()) as server,
           process([sys.executable, "-m", "http.server", str(direct_port), "--bind", "127.0.0.1",
                    "--directory", str(files)], tmp / "reach-direct.log")):
-        wait_http(f"{url}/v1/health")
+        url, ssh_port = server.url, server.ssh_port
         wait_http(f"http://127.0.0.1:{direct_port}/small")
         with httpx.Client(base_url=url, timeout=120,
                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as api:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import socket
-import tarfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +34,7 @@ import pytest_asyncio
 from pydantic import SecretStr
 from conftest import RUN_ROOT
 from support import upstream
+from support.counter import counted_in, counter, until_counted
 from support.upstream import EchoServer
 
 from sealbox._sys import cgroups, netns
@@ -659,17 +659,10 @@ async def test_timeout_ends_and_cleans_up(world: World, make: Any, tier: str) ->
 
 # ----- 5b. pause and resume ---------------------------------------------------------------------
 
-COUNTER = ("i=0; while :; do i=$((i+1)); echo $i > /workspace/c.new && mv /workspace/c.new "
-           "/workspace/c; sleep 0.1; done")
-
-
 def paused_counter(world: World, sid: str) -> int:
     """The counter as pause saved it (every tier saves /workspace; the tar is taken just
     before the processes stop, so a few ticks may follow)."""
-    with tarfile.open(world.engine.paused.dir(sid) / "workspace.tar") as tar:
-        member = tar.extractfile("./c")
-        assert member is not None
-        return int(member.read())
+    return counted_in(world.engine.paused.dir(sid) / "workspace.tar")
 
 
 @pytest.mark.parametrize("tier", tiers("pause_resume"))
@@ -677,9 +670,8 @@ async def test_pause_resume_keeps_processes_and_secrets(world: World, make: Any,
                                                         tier: str) -> None:
     box = await make(tier, **secret_spec())
     placeholder = placeholder_of(world, box.id)
-    await box.sh(COUNTER, background=True)
-    await box.ok("while [ ! -s /workspace/c ] || [ $(cat /workspace/c) -lt 5 ]; do sleep 0.1; "
-                 "done")
+    await box.sh(counter(), background=True)
+    await box.ok(until_counted())
     address = await box.ok("ip -4 -o addr show eth0 | awk '{print $4}'")
     info = await world.engine.pause(box.id)
     assert info.state == SandboxState.paused
@@ -699,8 +691,8 @@ async def test_pause_resume_keeps_processes_and_secrets(world: World, make: Any,
     # The same shell, with its variable: it continues from where it was, not from 1.
     after = int(await box.ok("cat /workspace/c"))
     assert at_pause <= after < at_pause + 40, (at_pause, after)
-    later = await box.ok(f"while [ $(cat /workspace/c) -le {after} ]; do sleep 0.1; done; "
-                         "date +%s; ip -4 -o addr show eth0 | awk '{print $4}'; echo $KEY")
+    later = await box.ok(until_counted(after + 1) + "; date +%s; "
+                         "ip -4 -o addr show eth0 | awk '{print $4}'; echo $KEY")
     clock, new_address, key = later.split()
     assert abs(int(clock) - time.time()) < 5  # a restored guest's clock is set to now
     assert key == placeholder == placeholder_of(world, box.id)

@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import tarfile
 import sys
 import time
 from pathlib import Path
@@ -21,14 +20,14 @@ from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, SandboxSpec, SandboxState, VolumeMount
 from sealbox.engine.volumes import VolumeCreate
 from sealbox.errors import ConflictError, SandboxError, SandboxGone
+from support.counter import counted_in, counter, until_counted
 from support.server import ADMIN_KEY, Server, start_server
 
 from conftest import gone, sandbox_processes
 
 pytestmark = pytest.mark.privileged
 TIERS = ["namespace", "gvisor"]
-COUNTER = ("i=0; while :; do i=$((i+1)); echo $i > /data/c.new && mv /data/c.new /data/c; "
-           "sleep 0.1; done")  # atomic: a freeze never leaves the file half-written
+COUNTER = counter("/data")
 COUNT_SLEEPS = ("python3 -c 'import os; print(sum(open(f\"/proc/{p}/cmdline\", \"rb\").read()"
                 ".startswith(b\"sleep\") for p in os.listdir(\"/proc\") if p.isdigit()))'")
 SEALBOX = str(Path(sys.executable).parent / "sealbox")
@@ -75,16 +74,16 @@ async def test_counter_keeps_counting_from_where_it_was(engine: Engine, runtime:
                                                         data_dir: Path) -> None:
     # The counter writes into a volume so the host can read it while the sandbox is frozen.
     engine.volumes.create(VolumeCreate(name="count", size="16MiB"))
-    counter = engine.volumes.mountpoint("count") / "c"
+    count_file = engine.volumes.mountpoint("count") / "c"
     info = await engine.create(SandboxSpec(runtime=runtime, timeout=120,
                                            volumes=[VolumeMount(name="count", path="/data")]))
     await engine.run(info.id, ExecRequest(cmd=COUNTER, background=True))
-    wait_counter_above(counter, 5)
+    wait_counter_above(count_file, 5)
     paused = await engine.pause(info.id)
     assert paused.state == SandboxState.paused and paused.paused_at is not None
-    at_pause = read_counter(counter)
+    at_pause = read_counter(count_file)
     time.sleep(1.0)  # ten ticks of the counter, were it running
-    assert read_counter(counter) == at_pause
+    assert read_counter(count_file) == at_pause
     with pytest.raises(SandboxError, match="paused"):
         await engine.run(info.id, ExecRequest(cmd="true"))
     with pytest.raises(SandboxError, match="paused"):
@@ -93,7 +92,7 @@ async def test_counter_keeps_counting_from_where_it_was(engine: Engine, runtime:
     assert resumed.state == SandboxState.running and resumed.paused_at is None
     assert resumed.resumed_processes is True
     assert not (data_dir / "paused" / info.id).exists()  # secrets at rest only while paused
-    after = wait_counter_above(counter, at_pause)
+    after = wait_counter_above(count_file, at_pause)
     # The same shell kept its variable: it continued from where it was, not from 1.
     assert at_pause < after <= at_pause + 50
     with pytest.raises(SandboxError, match="not paused"):
@@ -271,7 +270,6 @@ def test_microvm_paused_to_disk_survives_server_sigkill_with_its_processes(
     secret_value = "real-secret-never-in-the-vm-5c4b3a"
     server = start_server(data)
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    counter = COUNTER.replace("/data/", "/workspace/")
     with httpx.Client(base_url=server.url, timeout=120, headers=auth) as c:
         r = c.post("/v1/sandboxes", json={
             "runtime": "microvm", "timeout": "10m", "env": {"K": "v"},
@@ -280,10 +278,10 @@ def test_microvm_paused_to_disk_survives_server_sigkill_with_its_processes(
         assert r.status_code == 201, r.text
         sid, placeholder = r.json()["id"], r.json()["secrets"]["TOKEN"]["placeholder"]
         c.post(f"/v1/sandboxes/{sid}/exec",
-               json={"cmd": counter, "background": True}).raise_for_status()
+               json={"cmd": counter(), "background": True}).raise_for_status()
         r = c.post(f"/v1/sandboxes/{sid}/exec", json={
-            "cmd": "while [ ! -s /workspace/c ] || [ $(cat /workspace/c) -lt 5 ]; do sleep 0.1;"
-                   " done; head -c 2000000 /dev/urandom > /tmp/blob; sha256sum /tmp/blob"})
+            "cmd": until_counted() + "; head -c 2000000 /dev/urandom > /tmp/blob; "
+                   "sha256sum /tmp/blob"})
         blob_sum = r.json()["stdout"]
         assert blob_sum, r.text
         paused = c.post(f"/v1/sandboxes/{sid}/pause").json()
@@ -299,10 +297,7 @@ def test_microvm_paused_to_disk_survives_server_sigkill_with_its_processes(
     state = b"".join(f.read_bytes() for f in (saved / "checkpoint").iterdir())
     assert b"sealbox-secret-" in state  # the VM's memory is in there...
     assert secret_value.encode() not in state  # ...and the real value never was
-    with tarfile.open(saved / "workspace.tar") as tar:
-        member = tar.extractfile("./c")
-        assert member is not None
-        at_pause = int(member.read())
+    at_pause = counted_in(saved / "workspace.tar")
     restarted = sigkill_and_restart(server, data)
     try:
         with httpx.Client(base_url=restarted.url, timeout=120, headers=auth) as c:

@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
+from conftest import gone
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from sealbox._sys import cgroups, netns
 from sealbox.egress.gateway import ResolvePin
 from sealbox.egress.secrets import SecretSpec
-from sealbox.engine.config import RUN_ROOT, EngineConfig
-from sealbox.engine.engine import Engine, netns_name
+from sealbox.engine.config import EngineConfig
+from sealbox.engine.engine import Engine
 from sealbox.engine.pools import POOL_LABEL, PoolConfig, PoolStatus
 from sealbox.engine.spec import ExecRequest, SandboxSpec
 from sealbox.engine.templates import TemplateFile, TemplateSpec
@@ -55,17 +55,6 @@ def was_pooled(engine: Engine, sandbox_id: str) -> bool:
 async def sh(engine: Engine, sandbox_id: str, cmd: str) -> tuple[int | None, str]:
     r = await engine.run(sandbox_id, ExecRequest(cmd=cmd, timeout=60))
     return r.exit_code, r.stdout + r.stderr
-
-
-def gone(sandbox_id: str) -> list[str]:
-    left = []
-    if netns_name(sandbox_id) in netns.list_names("sealbox-"):
-        left.append("netns")
-    if cgroups.Cgroup(sandbox_id).exists():
-        left.append("cgroup")
-    if (RUN_ROOT / sandbox_id).exists():
-        left.append("run dir")
-    return left
 
 
 async def test_pool_never_hands_out_a_used_sandbox(engine: Engine) -> None:

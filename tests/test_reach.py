@@ -14,10 +14,8 @@ import pty
 import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -36,6 +34,7 @@ from typer.testing import CliRunner
 
 from sealbox.api.ssh import SAFE_INHERITED, _SandboxSFTP
 from sealbox.cli import reach
+from support.server import Server, free_port, start_server
 
 pytestmark = pytest.mark.privileged
 
@@ -119,60 +118,19 @@ APP_PORT = 8080
 
 # ----- server and tenants ---------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class ReachServer:
-    url: str
-    port: int
-    ssh_port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReachServer]:
-    base = tmp_path_factory.mktemp("reach")
-    data_dir = base / "data"
-    port, ssh_port = _free_port(), _free_port()
-    env = {**os.environ, "SEALBOX_ADMIN_KEY": ADMIN_KEY}
-    code = ("import sys; from pathlib import Path; from sealbox.api.server import run_server; "
-            "run_server(port=int(sys.argv[1]), data_dir=Path(sys.argv[2]), log_level='warning',"
-            " ssh_port=int(sys.argv[3]))")
-    log = base / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code, str(port), str(data_dir),
-                                 str(ssh_port)], env=env, stdout=out, stderr=subprocess.STDOUT)
-    srv = ReachServer(f"http://127.0.0.1:{port}", port, ssh_port, proc, log)
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{srv.url}/v1/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data_dir = tmp_path_factory.mktemp("reach") / "data"
+    srv = start_server(data_dir, ADMIN_KEY, ssh_port=free_port())
     yield srv
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    text = log.read_text()
+    srv.stop()
+    text = srv.log.read_text()
     assert "Traceback" not in text, text
     key_file = data_dir / "ssh_host_ed25519_key"
     assert key_file.stat().st_mode & 0o777 == 0o600
 
 
-def _client(server: ReachServer, key: str) -> httpx.Client:
+def _client(server: Server, key: str) -> httpx.Client:
     return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"},
                         timeout=60)
 
@@ -193,7 +151,7 @@ def _keypair(directory: Path, name: str) -> Path:
     return path
 
 
-def _tenant(server: ReachServer, tmp: Path, name: str) -> Iterator[Tenant]:
+def _tenant(server: Server, tmp: Path, name: str) -> Iterator[Tenant]:
     with _client(server, ADMIN_KEY) as admin:
         resp = admin.post("/v1/keys", json={"tenant": name})
         assert resp.status_code == 201, resp.text
@@ -218,12 +176,12 @@ def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def alice(server: ReachServer, keydir: Path) -> Iterator[Tenant]:
+def alice(server: Server, keydir: Path) -> Iterator[Tenant]:
     yield from _tenant(server, keydir, "alice")
 
 
 @pytest.fixture(scope="module")
-def bob(server: ReachServer, keydir: Path) -> Iterator[Tenant]:
+def bob(server: Server, keydir: Path) -> Iterator[Tenant]:
     yield from _tenant(server, keydir, "bob")
 
 
@@ -253,7 +211,7 @@ def app(alice: Tenant) -> Tenant:
     return alice
 
 
-def ssh_cmd(server: ReachServer, t: Tenant, *args: str, key: Path | None = None,
+def ssh_cmd(server: Server, t: Tenant, *args: str, key: Path | None = None,
             user: str | None = None) -> list[str]:
     return ["ssh", *SSH_OPTS, "-i", str(key or t.ssh_key), "-p", str(server.ssh_port),
             f"{user or t.sandbox}@127.0.0.1", *args]
@@ -261,7 +219,7 @@ def ssh_cmd(server: ReachServer, t: Tenant, *args: str, key: Path | None = None,
 
 # ----- SSH ------------------------------------------------------------------------------------
 
-def test_ssh_command_exit_status(server: ReachServer, alice: Tenant) -> None:
+def test_ssh_command_exit_status(server: Server, alice: Tenant) -> None:
     proc = subprocess.run(ssh_cmd(server, alice, "echo hi; echo err >&2; exit 3"),
                           capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 3, proc.stderr
@@ -269,7 +227,7 @@ def test_ssh_command_exit_status(server: ReachServer, alice: Tenant) -> None:
     assert proc.stderr == b"err\n"
 
 
-def test_ssh_stdin_streams(server: ReachServer, alice: Tenant) -> None:
+def test_ssh_stdin_streams(server: Server, alice: Tenant) -> None:
     data = os.urandom(300_000)
     proc = subprocess.run(ssh_cmd(server, alice, "sha256sum"), input=data,
                           capture_output=True, timeout=60)
@@ -301,7 +259,7 @@ def _read_until(fd: int, needle: bytes, timeout: float = 30) -> bytes:
     return out
 
 
-def test_ssh_shell_has_a_pty_and_follows_resizes(server: ReachServer, alice: Tenant) -> None:
+def test_ssh_shell_has_a_pty_and_follows_resizes(server: Server, alice: Tenant) -> None:
     pid, fd = pty.fork()
     if pid == 0:  # the child: ssh on a real terminal
         os.execvp("ssh", ssh_cmd(server, alice, "-tt"))
@@ -324,7 +282,7 @@ def test_ssh_shell_has_a_pty_and_follows_resizes(server: ReachServer, alice: Ten
         os.close(fd)
 
 
-def test_ssh_shell_reports_tty(server: ReachServer, alice: Tenant) -> None:
+def test_ssh_shell_reports_tty(server: Server, alice: Tenant) -> None:
     pid, fd = pty.fork()
     if pid == 0:
         os.execvp("ssh", ssh_cmd(server, alice, "-tt"))
@@ -342,7 +300,7 @@ def test_ssh_shell_reports_tty(server: ReachServer, alice: Tenant) -> None:
         os.close(fd)
 
 
-def test_scp_both_ways(server: ReachServer, alice: Tenant, tmp_path: Path) -> None:
+def test_scp_both_ways(server: Server, alice: Tenant, tmp_path: Path) -> None:
     src = tmp_path / "up.bin"
     src.write_bytes(os.urandom(1_500_000))
     base = ["scp", *SSH_OPTS, "-i", str(alice.ssh_key), "-P", str(server.ssh_port)]
@@ -363,7 +321,7 @@ def test_scp_both_ways(server: ReachServer, alice: Tenant, tmp_path: Path) -> No
         run_in(alice, "rm /workspace/up.bin")
 
 
-def test_sftp_batch(server: ReachServer, alice: Tenant, tmp_path: Path) -> None:
+def test_sftp_batch(server: Server, alice: Tenant, tmp_path: Path) -> None:
     local = tmp_path / "note.txt"
     local.write_text("sftp works\n")
     batch = tmp_path / "batch"
@@ -379,7 +337,7 @@ def test_sftp_batch(server: ReachServer, alice: Tenant, tmp_path: Path) -> None:
     assert run_in(alice, "test -e /workspace/d; echo $?")["stdout"] == "1\n"
 
 
-def test_sftp_missing_file_is_an_error(server: ReachServer, alice: Tenant,
+def test_sftp_missing_file_is_an_error(server: Server, alice: Tenant,
                                        tmp_path: Path) -> None:
     batch = tmp_path / "batch"
     batch.write_text(f"get /nonexistent/file {tmp_path}/x\n")
@@ -390,8 +348,8 @@ def test_sftp_missing_file_is_an_error(server: ReachServer, alice: Tenant,
     assert b"not found" in proc.stderr.lower() or b"no such file" in proc.stderr.lower()
 
 
-def test_local_forward_reaches_the_sandbox(server: ReachServer, app: Tenant) -> None:
-    local = _free_port()
+def test_local_forward_reaches_the_sandbox(server: Server, app: Tenant) -> None:
+    local = free_port()
     proc = subprocess.Popen(ssh_cmd(server, app, "-N", "-o", "ExitOnForwardFailure=yes",
                                     "-L", f"127.0.0.1:{local}:localhost:{APP_PORT}"),
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -413,7 +371,7 @@ def test_local_forward_reaches_the_sandbox(server: ReachServer, app: Tenant) -> 
         proc.communicate(timeout=10)
 
 
-def test_forward_elsewhere_is_refused(server: ReachServer, alice: Tenant) -> None:
+def test_forward_elsewhere_is_refused(server: Server, alice: Tenant) -> None:
     async def main() -> None:
         async with asyncssh.connect(
             "127.0.0.1", server.ssh_port, username=alice.sandbox,
@@ -431,7 +389,7 @@ def test_forward_elsewhere_is_refused(server: ReachServer, alice: Tenant) -> Non
     asyncio.run(main())
 
 
-def test_wrong_key_refused(server: ReachServer, alice: Tenant, keydir: Path) -> None:
+def test_wrong_key_refused(server: Server, alice: Tenant, keydir: Path) -> None:
     stranger = _keypair(keydir, "stranger")
     proc = subprocess.run(ssh_cmd(server, alice, "true", key=stranger), capture_output=True,
                           timeout=30, stdin=subprocess.DEVNULL)
@@ -439,7 +397,7 @@ def test_wrong_key_refused(server: ReachServer, alice: Tenant, keydir: Path) -> 
     assert b"Permission denied" in proc.stderr
 
 
-def test_other_tenants_sandbox_refused(server: ReachServer, alice: Tenant, bob: Tenant) -> None:
+def test_other_tenants_sandbox_refused(server: Server, alice: Tenant, bob: Tenant) -> None:
     proc = subprocess.run(ssh_cmd(server, alice, "true", user=bob.sandbox),
                           capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 255 and b"Permission denied" in proc.stderr
@@ -452,7 +410,7 @@ def test_other_tenants_sandbox_refused(server: ReachServer, alice: Tenant, bob: 
     assert proc.returncode == 255
 
 
-def test_ssh_token_as_password(server: ReachServer, alice: Tenant, bob: Tenant) -> None:
+def test_ssh_token_as_password(server: Server, alice: Tenant, bob: Tenant) -> None:
     resp = alice.api.post(f"/v1/sandboxes/{alice.sandbox}/ssh-token", json={"ttl": 60})
     assert resp.status_code == 201, resp.text
     body = resp.json()
@@ -473,7 +431,7 @@ def test_ssh_token_as_password(server: ReachServer, alice: Tenant, bob: Tenant) 
         asyncio.run(run(alice.sandbox, "sbs_wrong"))
 
 
-def test_ssh_keys_api(server: ReachServer, alice: Tenant, bob: Tenant, keydir: Path) -> None:
+def test_ssh_keys_api(server: Server, alice: Tenant, bob: Tenant, keydir: Path) -> None:
     extra = _keypair(keydir, "extra")
     resp = alice.api.post("/v1/ssh-keys", json={"public_key": "not a key"})
     assert resp.status_code == 400
@@ -516,7 +474,7 @@ def host_of(url: str) -> str:
     return url.split("//", 1)[1].split("/", 1)[0]
 
 
-def test_preview_private_by_default(server: ReachServer, app: Tenant, bob: Tenant) -> None:
+def test_preview_private_by_default(server: Server, app: Tenant, bob: Tenant) -> None:
     exposed = expose(app, APP_PORT)
     assert exposed["url"] == f"http://{APP_PORT}-{app.sandbox}.localhost:{server.port}/"
     host = {"Host": host_of(exposed["url"])}
@@ -548,7 +506,7 @@ def test_preview_private_by_default(server: ReachServer, app: Tenant, bob: Tenan
         assert resp.status_code == 401
 
 
-def test_preview_never_forwards_credentials(server: ReachServer, app: Tenant) -> None:
+def test_preview_never_forwards_credentials(server: Server, app: Tenant) -> None:
     exposed = expose(app, APP_PORT)
     with httpx.Client(base_url=server.url, timeout=30) as anon:
         resp = anon.get("/headers?a=1", headers={
@@ -568,7 +526,7 @@ def test_preview_never_forwards_credentials(server: ReachServer, app: Tenant) ->
     assert app.key not in str(seen2) and exposed["token"] not in str(seen2)
 
 
-def test_preview_public(server: ReachServer, app: Tenant) -> None:
+def test_preview_public(server: Server, app: Tenant) -> None:
     exposed = expose(app, APP_PORT, public=True)
     with httpx.Client(base_url=server.url, timeout=30) as anon:
         resp = anon.get("/", headers={"Host": host_of(exposed["url"])})
@@ -578,7 +536,7 @@ def test_preview_public(server: ReachServer, app: Tenant) -> None:
     expose(app, APP_PORT, public=False)  # back to private for the other tests
 
 
-def test_preview_streams_and_keeps_alive(server: ReachServer, app: Tenant) -> None:
+def test_preview_streams_and_keeps_alive(server: Server, app: Tenant) -> None:
     exposed = expose(app, APP_PORT)
     arrivals: list[tuple[float, bytes]] = []
     headers = {"Host": host_of(exposed["url"]), "X-Sealbox-Token": exposed["token"]}
@@ -598,7 +556,7 @@ def test_preview_streams_and_keeps_alive(server: ReachServer, app: Tenant) -> No
     assert last - first > 1.2, arrivals  # chunks came as they were made, not all at the end
 
 
-def test_preview_websocket(server: ReachServer, app: Tenant) -> None:
+def test_preview_websocket(server: Server, app: Tenant) -> None:
     exposed = expose(app, APP_PORT)
     # The preview host name, connected to the server's loopback address.
     ws_url = f"ws://{host_of(exposed['url'])}/ws"
@@ -626,7 +584,7 @@ def test_preview_websocket(server: ReachServer, app: Tenant) -> None:
     asyncio.run(main())
 
 
-def test_preview_nothing_listening_is_502(server: ReachServer, app: Tenant) -> None:
+def test_preview_nothing_listening_is_502(server: Server, app: Tenant) -> None:
     resp = app.api.get(f"/v1/sandboxes/{app.sandbox}/ports/9/")
     assert resp.status_code == 502 and resp.json()["error"]["message"]
 
@@ -640,7 +598,7 @@ def test_expose_checks_owner_and_port(app: Tenant, bob: Tenant) -> None:
 
 # ----- the sandbox cannot use these paths to reach the host -----------------------------------
 
-def test_sandbox_cannot_reach_gateways_on_the_host(server: ReachServer, alice: Tenant) -> None:
+def test_sandbox_cannot_reach_gateways_on_the_host(server: Server, alice: Tenant) -> None:
     script = (
         "import socket\n"
         "gw = [l.split() for l in open('/proc/net/route') if l.split()[1] == '00000000'][0][2]\n"
@@ -668,7 +626,7 @@ def test_sandbox_cannot_reach_gateways_on_the_host(server: ReachServer, alice: T
 
 # ----- ending ---------------------------------------------------------------------------------
 
-def test_sessions_end_with_the_sandbox(server: ReachServer, alice: Tenant) -> None:
+def test_sessions_end_with_the_sandbox(server: Server, alice: Tenant) -> None:
     resp = alice.api.post("/v1/sandboxes", json={"runtime": "namespace", "timeout": "5m"})
     sandbox = resp.json()["id"]
     try:
@@ -696,7 +654,7 @@ def test_sessions_end_with_the_sandbox(server: ReachServer, alice: Tenant) -> No
 # ----- CLI ------------------------------------------------------------------------------------
 
 @pytest.fixture
-def cli(server: ReachServer, alice: Tenant, monkeypatch: pytest.MonkeyPatch) -> typer.Typer:
+def cli(server: Server, alice: Tenant, monkeypatch: pytest.MonkeyPatch) -> typer.Typer:
     monkeypatch.setenv("SEALBOX_URL", server.url)
     monkeypatch.setenv("SEALBOX_API_KEY", alice.key)
     app = typer.Typer()
@@ -706,7 +664,7 @@ def cli(server: ReachServer, alice: Tenant, monkeypatch: pytest.MonkeyPatch) -> 
     return app
 
 
-def test_cli_expose(server: ReachServer, app: Tenant, cli: typer.Typer) -> None:
+def test_cli_expose(server: Server, app: Tenant, cli: typer.Typer) -> None:
     result = CliRunner().invoke(cli, ["expose", app.sandbox, str(APP_PORT)])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
@@ -735,7 +693,7 @@ def test_cli_ssh_keys(cli: typer.Typer, keydir: Path) -> None:
     assert runner.invoke(cli, ["ssh-key", "rm", fingerprint]).exit_code == 1
 
 
-def test_cli_code_writes_an_idempotent_ssh_config(server: ReachServer, alice: Tenant,
+def test_cli_code_writes_an_idempotent_ssh_config(server: Server, alice: Tenant,
                                                   cli: typer.Typer, tmp_path: Path) -> None:
     config = tmp_path / "ssh" / "config"
     config.parent.mkdir()

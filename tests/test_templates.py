@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import RUN_ROOT, gone
+from support.counter import counter, until_counted
 from test_pools import wait_ready, was_pooled
 
 from sealbox.egress.gateway import ResolvePin
@@ -539,13 +540,10 @@ async def test_microvm_fork_is_the_running_sandbox(tengine: Engine) -> None:
                                               secrets={"TOKEN": SecretSpec(
                                                   value="real-value-xyz", hosts=[OTHER_HOST])}))
     child_id = None
-    counter = ("i=0; while :; do i=$((i+1)); echo $i > /workspace/c.new && "
-               "mv /workspace/c.new /workspace/c; sleep 0.1; done")
     try:
-        await tengine.run(parent.id, ExecRequest(cmd=counter, background=True))
-        _, blob = await sh(tengine, parent.id, "while [ ! -s /workspace/c ] || "
-                           "[ $(cat /workspace/c) -lt 5 ]; do sleep 0.1; done; "
-                           "head -c 1000000 /dev/urandom > /tmp/blob; sha256sum < /tmp/blob")
+        await tengine.run(parent.id, ExecRequest(cmd=counter(), background=True))
+        _, blob = await sh(tengine, parent.id, until_counted() + "; head -c 1000000 "
+                           "/dev/urandom > /tmp/blob; sha256sum < /tmp/blob")
         _, before = await sh(tengine, parent.id, "cat /workspace/c")
         child = await tengine.fork(parent.id)
         child_id = child.id
@@ -589,12 +587,9 @@ async def test_microvm_snapshot_keeps_the_running_sandbox(tengine: Engine) -> No
     if not registry.get("microvm").probe().ok:
         pytest.skip(registry.get("microvm").probe().detail)
     src = await tengine.create(SandboxSpec(runtime="microvm", timeout=300))
-    counter = ("i=0; while :; do i=$((i+1)); echo $i > /workspace/c.new && "
-               "mv /workspace/c.new /workspace/c; sleep 0.1; done")
     try:
-        await tengine.run(src.id, ExecRequest(cmd=counter, background=True))
-        await sh(tengine, src.id, "while [ ! -s /workspace/c ] || [ $(cat /workspace/c) -lt 5 ]; "
-                                  "do sleep 0.1; done; echo in-memory > /tmp/m")
+        await tengine.run(src.id, ExecRequest(cmd=counter(), background=True))
+        await sh(tengine, src.id, until_counted() + "; echo in-memory > /tmp/m")
         info = await tengine.snapshot(src.id, "mem-snap")
         assert info.memory == "microvm"
         _, at_snap = await sh(tengine, src.id, "cat /workspace/c")

@@ -264,18 +264,32 @@ class Engine:
         copy does not fit: another VM size or volumes than the snapshot's)."""
         template = self._template(spec, owner) if restore is None else None
         if template is not None and template.memory and template.memory[0] == runtime.name:
-            sandbox_id = new_id()
-            try:
-                return await self._boot(spec, runtime, workspace, bare=bare, owner=owner,
-                                        metadata=metadata, sandbox_id=sandbox_id,
-                                        restore=template.memory[1])
-            except SealboxError as exc:
-                log.info("sandbox %s: not a copy of snapshot %s (%s); booting it with its "
-                         "files", sandbox_id, template.name, exc)
-            return await self._boot(spec, runtime, workspace, bare=bare, owner=owner,
-                                    metadata=metadata, sandbox_id=sandbox_id)
+            live, why = await self._restore_or_boot(spec, runtime, workspace, template.memory[1],
+                                                    bare=bare, owner=owner, metadata=metadata)
+            if why is not None:
+                log.info("sandbox %s: not a copy of snapshot %s (%s); booted with its files",
+                         live.info.id, template.name, why)
+            return live
         return await self._boot(spec, runtime, workspace, bare=bare, owner=owner,
                                 metadata=metadata, restore=restore)
+
+    async def _restore_or_boot(
+            self, spec: SandboxSpec, runtime: Runtime, workspace: Path | None, checkpoint: Path,
+            *, bare: bool, owner: str | None, metadata: dict[str, str] | None,
+            sandbox_id: str | None = None, placeholders: dict[str, str] | None = None,
+    ) -> tuple[_Live, str | None]:
+        """A sandbox restored from CHECKPOINT, or, where that cannot be (another QEMU, VM size
+        or disks than the checkpoint's), booted afresh under the same id; and why it was not
+        restored (None if it was)."""
+        sandbox_id = sandbox_id or new_id()
+        try:
+            return await self._boot(spec, runtime, workspace, bare=bare, owner=owner,
+                                    metadata=metadata, sandbox_id=sandbox_id,
+                                    restore=checkpoint, placeholders=placeholders), None
+        except SealboxError as exc:
+            why = str(exc)
+        return await self._boot(spec, runtime, workspace, bare=bare, owner=owner,
+                                metadata=metadata, sandbox_id=sandbox_id), why
 
     def _at_capacity(self) -> bool:
         cap = self.config.max_sandboxes
@@ -589,20 +603,19 @@ class Engine:
                                     disks=runtime.volume_disks)
         self.store.adopt(sandbox_id)  # ours now: nobody else reconciles it away meanwhile
         note = old.resume_note or LOST_PROCESSES
-        live: _Live | None = None
-        if self.paused.has_checkpoint(sandbox_id):
-            try:
-                live = await self._boot(spec, runtime, workspace, bare=False, owner=old.owner,
-                                        sandbox_id=sandbox_id, metadata=old.metadata,
-                                        restore=self.paused.checkpoint_dir(sandbox_id),
-                                        placeholders=saved.placeholders)
-            except SealboxError as exc:
-                note = (f"its processes could not be restored ({exc}); /workspace was "
+        restored = self.paused.has_checkpoint(sandbox_id)
+        if restored:
+            live, why = await self._restore_or_boot(
+                spec, runtime, workspace, self.paused.checkpoint_dir(sandbox_id), bare=False,
+                owner=old.owner, metadata=old.metadata, sandbox_id=sandbox_id,
+                placeholders=saved.placeholders)
+            if why is not None:
+                restored = False
+                note = (f"its processes could not be restored ({why}); /workspace was "
                         "restored from the files saved at pause")
-                self.events.write(sandbox_id, "restore_failed", reason=str(exc))
+                self.events.write(sandbox_id, "restore_failed", reason=why)
                 self.paused.drop_checkpoint(sandbox_id)
-        restored = live is not None
-        if live is None:
+        else:
             live = await self._boot(spec, runtime, workspace, bare=False, owner=old.owner,
                                     sandbox_id=sandbox_id, metadata=old.metadata)
         live.spec = spec

@@ -33,6 +33,7 @@ from sealbox.engine.templates import (
     new_info,
 )
 from sealbox.errors import ConfigError, SandboxError
+from sealbox.runtimes import registry
 
 if TYPE_CHECKING:
     from sealbox.engine.engine import Engine
@@ -128,7 +129,7 @@ async def fork(engine: Engine, sandbox_id: str, owner: str | None) -> SandboxInf
     if live.runtime.can_checkpoint:
         # Checked first: a fork that cannot take the volumes must not stop the parent.
         await asyncio.to_thread(engine.volumes.check, child_spec.volumes, live.info.owner,
-                                disks=True)
+                                disks=registry.get(live.info.runtime).volume_disks)
         saved = engine.templates.root / f".fork-{sandbox_id}-{pysecrets.token_hex(6)}"
         try:
             async with live.lock:  # not while a pause saves or resumes it

@@ -524,18 +524,16 @@ class MicrovmSandbox:
         images = ([(LAYER_SERIAL, layer_image(spec.layer), True)] if spec.layer else []) + [
             (volume_serial(i), vol.image, vol.read_only) for i, vol in enumerate(spec.disks)]
         disks: list[Disk] = []
+        opened: list[int] = []
         try:
             for serial, image, read_only in images:
                 modes = (os.O_RDONLY,) if read_only else (os.O_RDWR, os.O_RDONLY)
-                fds: list[int] = []
-                disks.append(Disk(serial, (), read_only))
                 for mode in modes:
-                    fds.append(os.open(image, mode | os.O_CLOEXEC))
-                    disks[-1] = Disk(serial, tuple(fds), read_only)
+                    opened.append(os.open(image, mode | os.O_CLOEXEC))
+                disks.append(Disk(serial, tuple(opened[-len(modes):]), read_only))
         except BaseException:
-            for d in disks:
-                for fd in d.fds:
-                    os.close(fd)
+            for fd in opened:
+                os.close(fd)
             raise
         return disks
 
