@@ -35,6 +35,15 @@ def mount(target: Path, lowers: list[Path], upper: Path | None = None,
         raise SandboxError(f"overlay mount at {target} failed: {r.stderr.strip()}")
 
 
+def bind(source: Path, target: Path) -> None:
+    """Show SOURCE at TARGET too (nodev, nosuid); removed by `unmount_all` like an overlay."""
+    target.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "--bind", "-o", "nodev,nosuid", str(source), str(target)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SandboxError(f"bind mount at {target} failed: {r.stderr.strip()}")
+
+
 def mounts_under(root: Path) -> list[Path]:
     """Mount points at or below ROOT, deepest first."""
     prefix = str(root.resolve()) if root.exists() else str(root)

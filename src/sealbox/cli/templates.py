@@ -89,6 +89,13 @@ def build(
     name: Annotated[str | None, typer.Argument(help="template name (or `name:` in -f)")] = None,
     file: Annotated[Path | None, typer.Option("-f", "--file-spec",
                                               help="spec file (.yaml/.yml/.json)")] = None,
+    base: Annotated[str | None, typer.Option(
+        help="host (the host's system dirs, default) or debian (made by debootstrap)")] = None,
+    suite: Annotated[str | None, typer.Option(help="--base debian: suite (bookworm)")] = None,
+    mirror: Annotated[str | None, typer.Option(
+        help="--base debian: archive URL (http://deb.debian.org/debian)")] = None,
+    mirror_trusted: Annotated[bool, typer.Option(
+        "--mirror-trusted", help="--base debian: skip the archive's signature check")] = False,
     apt: Annotated[list[str] | None, typer.Option("--apt", help="apt package")] = None,
     pip: Annotated[list[str] | None, typer.Option("--pip", help="pip requirement")] = None,
     npm: Annotated[list[str] | None, typer.Option("--npm", help="npm package")] = None,
@@ -112,7 +119,8 @@ def build(
 
     async def main() -> None:
         fields: dict[str, Any] = {
-            "name": name, "apt": apt, "pip": pip, "npm": npm, "run": run,
+            "name": name, "base": base, "suite": suite, "mirror": mirror,
+            "mirror_trusted": mirror_trusted, "apt": apt, "pip": pip, "npm": npm, "run": run,
             "env": parse_env(env or []) if env else None, "workdir": workdir, "start": start,
             "allow_net": allow_net, "apt_sources": apt_source, "pip_index_url": pip_index_url,
             "npm_registry": npm_registry, "disk": disk, "memory": memory,

@@ -4,6 +4,10 @@ The build runs in a namespace sandbox (runtimes/build.py) attached to the egress
 the spec's build policy (the hosts its apt/pip/npm sources need plus ``allow_net``) and the
 installation's ``--resolve`` pins. Steps: apt, pip, npm, files, run commands; then /workspace
 is saved as the template's starting workspace. Nothing is registered unless every step passed.
+
+On a Debian base, a first step makes the root filesystem with debootstrap (in a sandbox of its
+own on the same netns, runtimes/bootstrap.py); the steps then run over it instead of the
+host's dirs, and the template's layer is the whole merged system, marked as such.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from sealbox.engine.store import now
 from sealbox.engine.templates import TemplateInfo, TemplateSpec, content_hash, dir_size, new_info
 from sealbox.errors import CommandError, ConfigError, SandboxError
 from sealbox.guest.client import GuestClient, Output
+from sealbox.runtimes import bootstrap
 from sealbox.runtimes.base import LaunchSpec, Limits
 from sealbox.runtimes.build import finalize, start_build
+from sealbox.runtimes.layers import ROOTFS_MARK
 
 if TYPE_CHECKING:
     from sealbox.engine.engine import Engine
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
 Progress = Callable[[dict[str, Any]], None]
 STEP_TIMEOUT = 3600.0
 MAX_WORKSPACE = 4 * 1024**3
+ROOTFS = "rootfs"
 _APT = ["apt-get", "-y", "-q", "-o", "APT::Sandbox::User=root", "-o", "Dpkg::Use-Pty=0",
         "-o", "Acquire::Retries=0"]
 
@@ -98,9 +105,9 @@ async def _run_step(guest: GuestClient, argv: list[str], cwd: str, log: _Log) ->
 
 def check(engine: Engine, spec: TemplateSpec) -> None:
     """What can be refused before a build starts (ConfigError)."""
-    if spec.base == "debian":
-        raise ConfigError("base 'debian' (a debootstrap rootfs) is not supported yet: "
-                          "use base 'host'")
+    if spec.base == "debian" and shutil.which("debootstrap") is None:
+        raise ConfigError("base 'debian' needs debootstrap on the server's host: "
+                          "apt-get install debootstrap")
     if not engine.config.allow_host_workspace and any(f.src for f in spec.files):
         raise ConfigError("this server does not read its own files: send file contents inline "
                           "(content_b64), as the SDK and CLI do")
@@ -126,7 +133,8 @@ async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
         report({"type": "cached", "hash": digest})
         return info
     steps = _steps(spec)
-    report({"type": "start", "hash": digest, "total": len(steps) + 1})
+    report({"type": "start", "hash": digest,
+            "total": len(steps) + 1 + (spec.base == "debian")})
     from sealbox.engine.engine import new_id
 
     sandbox_id = new_id()
@@ -140,10 +148,14 @@ async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
         out = build_dir / "out"
         out.mkdir()
         scratch = build_dir / "scratch"
-        await asyncio.to_thread(finalize, scratch / "upper")
-        has_layer = await asyncio.to_thread(_changed, scratch / "upper")
-        if has_layer:
-            await asyncio.to_thread(_copy_tree, scratch / "upper", out / "layer")
+        if spec.base == "debian":
+            await asyncio.to_thread(_merge_rootfs, scratch, build_dir / "merged", out / "layer")
+            has_layer = True
+        else:
+            await asyncio.to_thread(finalize, scratch / "upper")
+            has_layer = await asyncio.to_thread(_changed, scratch / "upper")
+            if has_layer:
+                await asyncio.to_thread(_copy_tree, scratch / "upper", out / "layer")
         await asyncio.to_thread(volumes_sys.umount, scratch)
         if tar.is_file():
             tar.rename(out / "workspace.tar")
@@ -166,6 +178,18 @@ async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
     finally:
         log.close()
         await asyncio.to_thread(_remove_build_dir, build_dir)
+
+
+def _merge_rootfs(scratch: Path, merged: Path, layer: Path) -> None:
+    """The Debian base with the build's finalized upper dir on it, as one marked tree."""
+    rootfs = scratch / ROOTFS
+    finalize(scratch / "upper", rootfs)
+    overlay.mount(merged, [scratch / "upper", rootfs])
+    try:
+        _copy_tree(merged, layer)
+    finally:
+        overlay.unmount_all(merged)
+    (layer / ROOTFS_MARK).write_text("a whole system: its dirs replace the host's\n")
 
 
 def _changed(upper: Path) -> bool:
@@ -238,12 +262,19 @@ async def _sandboxed(engine: Engine, sandbox_id: str, spec: TemplateSpec, owner:
             env={**attachment.env, **spec.env, "PIP_NO_INPUT": "1"},
             hostname="sealbox-build", ro_files=ro_files,
         )
-        sandbox = await start_build(launch, scratch)
+        root = Path("/")
+        first = 1
+        total = len(steps) + 1
+        if spec.base == "debian":
+            total += 1
+            root = await _bootstrap(spec, sandbox_id, ns, scratch, run_dir,
+                                    attachment.ro_files, log, report, total)
+            first = 2
+        sandbox = await start_build(launch, scratch, root)
         guest = await sandbox.connect()
         info.state = SandboxState.running
         engine.store.put(info)
-        total = len(steps) + 1
-        for index, (title, action) in enumerate(steps, 1):
+        for index, (title, action) in enumerate(steps, first):
             report({"type": "step", "index": index, "total": total, "title": title})
             log.write(f"==> {title}\n".encode())
             if isinstance(action, int):
@@ -278,6 +309,28 @@ async def _sandboxed(engine: Engine, sandbox_id: str, spec: TemplateSpec, owner:
         info.ended_at = now()
         info.end_reason = failed or "template build finished"
         engine.store.put(info)
+
+
+async def _bootstrap(spec: TemplateSpec, sandbox_id: str, ns: str, scratch: Path,
+                     run_dir: Path, ro_files: dict[str, Path], log: _Log, report: Progress,
+                     total: int) -> Path:
+    """Step 1 of a build on a Debian base: the root filesystem the other steps run over."""
+    title = f"debootstrap {spec.debian_suite()} from {spec.debian_mirror()}"
+    report({"type": "step", "index": 1, "total": total, "title": title})
+    log.write(f"==> {title}\n".encode())
+    target = scratch / ROOTFS
+    run = bootstrap.Bootstrap(
+        sandbox_id=sandbox_id, netns=ns, target=target, run_dir=run_dir,
+        suite=spec.debian_suite(),
+        mirror=spec.debian_mirror(), check_signature=not spec.mirror_trusted,
+        ro_files=dict(ro_files),
+        memory_bytes=spec.memory)
+    code = await bootstrap.run(run, log.write)
+    if code != 0:
+        raise CommandError(f"template build failed at step {title!r} (exit code {code}); "
+                           f"log tail:\n{log.tail()}", step=title, exit_code=code)
+    await asyncio.to_thread(bootstrap.seal_rootfs, target, bootstrap.id_base_for(sandbox_id))
+    return target
 
 
 def describe(spec: TemplateSpec) -> str:

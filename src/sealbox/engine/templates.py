@@ -39,6 +39,9 @@ BUILDER_VERSION = "1"
 """Part of every hash: a change to how layers are made invalidates the cache."""
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 _NAME = re.compile(NAME_PATTERN)
+DEFAULT_SUITE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+_SUITE = re.compile(r"^[a-z][a-z0-9-]{1,30}$")
 _APT_PKG = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?(=[A-Za-z0-9.+~:-]+)?$")
 _PIP_REQ = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-\[\],<>=!~ ]*$")
 _NPM_PKG = re.compile(r"^(@[a-z0-9][a-z0-9._~-]*/)?[a-z0-9][a-z0-9._~-]*(@[A-Za-z0-9.^~<>=*|+ -]+)?$")
@@ -114,7 +117,15 @@ class TemplateSpec(BaseModel):
 
     name: str = Field(description=f"template name ({NAME_PATTERN})")
     base: Literal["host", "debian"] = Field(
-        default="host", description="host = the host's system dirs (debian: not yet supported)")
+        default="host", description="host = the host's system dirs; debian = a root "
+        "filesystem made by debootstrap (minbase, plus python3 and ca-certificates)")
+    suite: str | None = Field(default=None, description=f"base debian: the suite (default "
+                              f"{DEFAULT_SUITE})")
+    mirror: str | None = Field(default=None, description=f"base debian: the archive (default "
+                               f"{DEFAULT_MIRROR})")
+    mirror_trusted: bool = Field(
+        default=False, description="base debian: do not check the archive's signature (a "
+        "local mirror you run); checked against Debian's archive keyring otherwise")
     apt: list[str] = Field(default_factory=list)
     pip: list[str] = Field(default_factory=list)
     npm: list[str] = Field(default_factory=list)
@@ -186,7 +197,20 @@ class TemplateSpec(BaseModel):
             _source_host(line)
         return v
 
-    @field_validator("pip_index_url", "npm_registry")
+    @field_validator("suite")
+    @classmethod
+    def _suite(cls, v: str | None) -> str | None:
+        if v is not None and not _SUITE.match(v):
+            raise ValueError(f"{v!r} is not a Debian suite name (bookworm, trixie, stable, …)")
+        return v
+
+    @model_validator(mode="after")
+    def _debian_only(self) -> TemplateSpec:
+        if self.base != "debian" and (self.suite or self.mirror or self.mirror_trusted):
+            raise ValueError("suite, mirror and mirror_trusted are for base 'debian'")
+        return self
+
+    @field_validator("pip_index_url", "npm_registry", "mirror")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is not None:
@@ -198,15 +222,25 @@ class TemplateSpec(BaseModel):
     def build_hosts(self) -> builtins.list[str]:
         """The build's allowlist: what the packages it asks for need, plus ``allow_net``."""
         hosts: builtins.list[str] = []
+        if self.base == "debian":
+            hosts.append(_url_host(self.debian_mirror()))
         if self.apt:
-            hosts += ([_source_host(s) for s in self.apt_sources] if self.apt_sources
-                      else host_apt_hosts())
+            if self.apt_sources:
+                hosts += [_source_host(s) for s in self.apt_sources]
+            elif self.base == "host":
+                hosts += host_apt_hosts()
         if self.pip:
             hosts += [_url_host(self.pip_index_url)] if self.pip_index_url else PYPI_HOSTS
         if self.npm:
             hosts += [_url_host(self.npm_registry)] if self.npm_registry else NPM_HOSTS
         hosts += self.allow_net
         return list(dict.fromkeys(hosts))
+
+    def debian_suite(self) -> str:
+        return self.suite or DEFAULT_SUITE
+
+    def debian_mirror(self) -> str:
+        return self.mirror or DEFAULT_MIRROR
 
 
 def _each(values: list[str], pattern: re.Pattern[str], what: str) -> list[str]:
@@ -265,7 +299,9 @@ def content_hash(spec: TemplateSpec, files: list[bytes]) -> str:
     body["files"] = [{"dest": f.dest, "mode": f.mode,
                       "sha256": hashlib.sha256(data).hexdigest()}
                      for f, data in zip(spec.files, files, strict=True)]
-    doc = json.dumps({"v": BUILDER_VERSION, "base": host_base_identity(), "spec": body},
+    # A Debian base is named by the spec's suite and mirror; a host base by what is installed.
+    base = host_base_identity() if spec.base == "host" else "debian"
+    doc = json.dumps({"v": BUILDER_VERSION, "base": base, "spec": body},
                      sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(doc.encode()).hexdigest()
 

@@ -9,6 +9,9 @@ and replace entries, every directory of the host dirs is first copied into the u
 skeleton of empty dirs owned by that uid); a file is replaced by writing a new one and renaming
 it over the old, as dpkg, apt and pip do. Rewriting a host file in place is refused.
 
+The dirs below are the host's, or (for a template on a Debian base) those of a root filesystem
+made by debootstrap (runtimes/bootstrap.py), whose python3 then runs the agent.
+
 `finalize` turns the upper dir into a layer: no skeleton dirs left unchanged, no device files,
 sockets or set-id bits, no file capabilities, everything owned by root.
 """
@@ -24,8 +27,8 @@ from pathlib import Path
 
 from sealbox._sys import overlay
 from sealbox.runtimes.base import LaunchSpec, launched
+from sealbox.runtimes.layers import SYSTEM_DIRS
 from sealbox.runtimes.namespace import (
-    SYSTEM_DIRS,
     NamespaceSandbox,
     host_uid_for,
     isolation_args,
@@ -41,14 +44,14 @@ COPIED = ("var/lib/dpkg", "var/lib/apt", "var/cache/debconf")
 _OPAQUE = "trusted.overlay.opaque"
 
 
-def make_skeleton(upper: Path, uid: int) -> None:
-    """Empty copies of every directory of the captured host dirs, owned by UID."""
+def make_skeleton(upper: Path, uid: int, root: Path = Path("/")) -> None:
+    """Empty copies of every directory of the captured dirs of ROOT, owned by UID."""
     for part in CAPTURED:
-        src = Path("/") / part
+        src = root / part
         if not src.is_dir() or src.is_symlink():
             continue
         for base, dirs, _ in os.walk(src):
-            rel = os.path.relpath(base, "/")
+            rel = os.path.relpath(base, root)
             target = upper / rel
             target.mkdir(parents=True, exist_ok=True)
             os.chmod(target, stat.S_IMODE(os.lstat(base).st_mode) | stat.S_IWUSR | stat.S_IXUSR)
@@ -61,7 +64,7 @@ def make_skeleton(upper: Path, uid: int) -> None:
         # Files dpkg, apt and debconf replace after hard-linking a backup (status-old): a
         # hard link to a file another uid owns is refused (protected_hardlinks), so the
         # build gets its own copy.
-        src = Path("/") / part
+        src = root / part
         if not src.is_dir():
             continue
         for entry in src.iterdir():
@@ -80,14 +83,14 @@ def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def finalize(upper: Path) -> None:
-    """Make the build's upper dir a safe, read-only layer (see the module docstring)."""
+def finalize(upper: Path, root: Path = Path("/")) -> None:
+    """Make the build's upper dir (over ROOT) a safe, read-only layer (module docstring)."""
     for base, dirs, files in os.walk(upper, topdown=False):
         for name in files + dirs:
             path = os.path.join(base, name)
             st = os.lstat(path)
             mode = st.st_mode
-            if stat.S_ISREG(mode) and _unchanged_copy(upper, path):
+            if stat.S_ISREG(mode) and _unchanged_copy(upper, path, root):
                 os.unlink(path)  # a state file or lock copied up for the build, never changed
                 continue
             if stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode) or _is_whiteout(st):
@@ -104,7 +107,7 @@ def finalize(upper: Path) -> None:
                 continue
             if stat.S_ISDIR(mode) and not os.listdir(path):
                 rel = os.path.relpath(path, upper)
-                if Path("/", rel).is_dir() and not _opaque(path):
+                if (root / rel).is_dir() and not _opaque(path):
                     os.rmdir(path)  # an unchanged skeleton dir
         if base != str(upper):
             os.chmod(base, stat.S_IMODE(os.lstat(base).st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
@@ -114,11 +117,11 @@ def finalize(upper: Path) -> None:
     os.chmod(upper / "var", 0o755)
 
 
-def _unchanged_copy(upper: Path, path: str) -> bool:
+def _unchanged_copy(upper: Path, path: str, root: Path) -> bool:
     rel = os.path.relpath(path, upper)
     if rel not in LOCKS and os.path.dirname(rel) not in COPIED:
         return False
-    host = Path("/", rel)
+    host = root / rel
     try:
         return host.is_file() and filecmp.cmp(host, path, shallow=False)
     except OSError:
@@ -133,13 +136,14 @@ def _opaque(path: str) -> bool:
 
 
 class BuildSandbox(NamespaceSandbox):
-    """A namespace sandbox whose system dirs write into ``scratch/upper``. SCRATCH is a
-    size-limited filesystem (the build's disk limit), made by the engine."""
+    """A namespace sandbox whose system dirs (ROOT's) write into ``scratch/upper``. SCRATCH
+    is a size-limited filesystem (the build's disk limit), made by the engine."""
 
-    def __init__(self, spec: LaunchSpec, scratch: Path) -> None:
+    def __init__(self, spec: LaunchSpec, scratch: Path, root: Path) -> None:
         super().__init__(spec)
         self.upper = scratch / "upper"
         self.work = scratch / "work"
+        self.root = root
 
     def _uid(self) -> int:
         return host_uid_for(self.sandbox_id)
@@ -152,9 +156,9 @@ class BuildSandbox(NamespaceSandbox):
         await super().launch()
 
     def _mount(self) -> None:
-        make_skeleton(self.upper, self._uid())
+        make_skeleton(self.upper, self._uid(), self.root)
         for part in CAPTURED:
-            src = Path("/") / part
+            src = self.root / part
             if src.is_dir() and not src.is_symlink():
                 (self.work / part).mkdir(parents=True, exist_ok=True)
                 overlay.mount(self._root() / part, [src], self.upper / part, self.work / part)
@@ -165,13 +169,13 @@ class BuildSandbox(NamespaceSandbox):
         args = isolation_args(0, spec.hostname)
         root = self._root()
         for top in SYSTEM_DIRS:
-            p = Path("/") / top
-            if p.is_symlink():
-                args += ["--symlink", os.readlink(p), str(p)]
+            p, src = Path("/") / top, self.root / top
+            if src.is_symlink():
+                args += ["--symlink", os.readlink(src), str(p)]
             elif (root / top).is_dir():
                 args += ["--bind", str(root / top), str(p)]
-            elif p.is_dir():
-                args += ["--ro-bind", str(p), str(p)]
+            elif src.is_dir():
+                args += ["--ro-bind", str(src), str(p)]
         args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run", "--tmpfs", "/var"]
         for part in CAPTURED:
             if part.startswith("var/") and (root / part).is_dir():
@@ -179,7 +183,7 @@ class BuildSandbox(NamespaceSandbox):
         args += ["--dir", "/var/cache/apt/archives/partial", "--dir", "/var/log"]
         for path in ("/tmp", "/var/tmp", "/workspace", "/root"):
             args += (["--size", disk] if disk else []) + ["--tmpfs", path]
-        args += masking_args()
+        args += masking_args(self.root)
         etc = spec.run_dir / "etc"
         # The host's own passwd and group stay: dpkg checks the users and groups its
         # database names (shadow files are masked).
@@ -203,6 +207,7 @@ class BuildSandbox(NamespaceSandbox):
             await asyncio.to_thread(overlay.unmount_all, self._root())
 
 
-async def start_build(spec: LaunchSpec, scratch: Path) -> BuildSandbox:
-    """A running build sandbox, or nothing left of it if starting failed."""
-    return await launched(BuildSandbox(spec, scratch))
+async def start_build(spec: LaunchSpec, scratch: Path, root: Path = Path("/")) -> BuildSandbox:
+    """A running build sandbox over ROOT's system dirs, or nothing left of it if starting
+    failed."""
+    return await launched(BuildSandbox(spec, scratch, root))

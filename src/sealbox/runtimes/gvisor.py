@@ -32,15 +32,14 @@ from sealbox.runtimes.base import (
     kill_child,
     launched,
 )
-from sealbox.runtimes.layers import layer_binds, mount_layer, unmount_layer
-from sealbox.runtimes.namespace import (
-    MASKED_DIRS,
-    MASKED_FILES,
-    SANDBOX_UID,
+from sealbox.runtimes.layers import (
     SYSTEM_DIRS,
-    prepare_run_dir,
-    sandbox_env,
+    layer_binds,
+    mount_layer,
+    system_root,
+    unmount_layer,
 )
+from sealbox.runtimes.namespace import SANDBOX_UID, masked, prepare_run_dir, sandbox_env
 
 RUNSC_ROOT = Path("/run/sealbox/runsc")
 RUNSC_THREADS = 256
@@ -137,20 +136,21 @@ def oci_spec(spec: LaunchSpec) -> dict[str, Any]:
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
     ]
     layer = layer_binds(spec)
+    root = system_root(spec)
     for top in SYSTEM_DIRS:
         p = Path("/") / top
-        if p.is_dir() and not p.is_symlink():
+        if (root / top).is_dir() and not (root / top).is_symlink():
             mounts.append({"destination": str(p), "type": "bind",
                            "source": str(layer.get(str(p), p)), "options": ["rbind", "ro"]})
     if "/var" in layer:
         mounts.append({"destination": "/var", "type": "bind", "source": str(layer["/var"]),
                        "options": ["rbind", "ro"]})
-    # The host's credential files, hidden as on the namespace tier.
+    # The credential files, hidden as on the namespace tier.
+    hidden_files, hidden_dirs = masked(root)
     mounts += [{"destination": path, "type": "bind", "source": "/dev/null",
-                "options": ["bind", "ro"]} for path in MASKED_FILES if Path(path).exists()]
+                "options": ["bind", "ro"]} for path in hidden_files]
     mounts += [{"destination": path, "type": "tmpfs", "source": "tmpfs",
-                "options": ["ro", "nosuid", "nodev", "mode=755"]}
-               for path in MASKED_DIRS if Path(path).is_dir()]
+                "options": ["ro", "nosuid", "nodev", "mode=755"]} for path in hidden_dirs]
     for path in ("/tmp", "/var/tmp", "/run") + (() if spec.workspace else ("/workspace",)):
         mounts.append({"destination": path, "type": "tmpfs", "source": "tmpfs",
                        "options": ["nosuid", "nodev", "mode=1777", *disk]})
@@ -225,9 +225,10 @@ class GvisorSandbox(NoCheckpoint):
         prepare_run_dir(self.spec)
         rootfs = self.bundle / "rootfs"
         rootfs.mkdir(parents=True, exist_ok=True)
+        root = system_root(self.spec)
         for top in SYSTEM_DIRS + ("proc", "dev", "tmp", "var", "run", "workspace", ".sealbox",
                                    "home"):
-            p = Path("/") / top
+            p = root / top
             target = rootfs / top
             if p.is_symlink():
                 if not target.is_symlink():

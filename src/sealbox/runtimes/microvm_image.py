@@ -57,17 +57,19 @@ mount -t ext4 -o ro,nodev,nosuid "$(disk sealbox-usr)" /usr || { echo "init: no 
 if [ -n "$SBX_LAYER" ]; then
   # A template's layer over the guest's own dirs, as the other tiers show it: read-only, but
   # /etc keeps a writable top so this sandbox's own entries stay in front of the layer's.
-  mkdir -p /.init/layer /.init/layer-rw /opt
+  mkdir -p /.init/layer /.init/layer-rw /.init/empty /opt
   mount -t ext4 -o ro,nodev,nosuid "$(disk sealbox-layer)" /.init/layer \
     || { echo "init: no layer disk"; reboot -f; }
+  # A whole-system layer (a Debian base) replaces the guest's dirs: nothing shows through.
+  below() { if [ -f /.init/layer/.sealbox-rootfs ]; then echo /.init/empty; else echo "/$1"; fi; }
   for d in usr opt var; do
-    [ ! -d "/.init/layer/$d" ] || mount -t overlay -o "ro,lowerdir=/.init/layer/$d:/$d" \
+    [ ! -d "/.init/layer/$d" ] || mount -t overlay -o "ro,lowerdir=/.init/layer/$d:$(below $d)" \
       overlay "/$d" || { echo "init: layer /$d failed"; reboot -f; }
   done
   mount -t tmpfs -o nosuid,nodev,mode=0700,size=16m tmpfs /.init/layer-rw
   mkdir /.init/layer-rw/up /.init/layer-rw/work
   [ ! -d /.init/layer/etc ] || { mount -t overlay -o \
-    lowerdir=/.init/layer/etc:/etc,upperdir=/.init/layer-rw/up,workdir=/.init/layer-rw/work \
+    lowerdir=/.init/layer/etc:$(below etc),upperdir=/.init/layer-rw/up,workdir=/.init/layer-rw/work \
     overlay /etc && cp -a /.init/sandbox/files/etc/. /etc/; } || { echo "init: layer /etc failed"; reboot -f; }
 fi
 mkdir -p /dev/pts /dev/shm /dev/virtio-ports

@@ -28,7 +28,7 @@ from sealbox.runtimes.base import (
     kill_child,
     launched,
 )
-from sealbox.runtimes.layers import mount_layer, unmount_layer
+from sealbox.runtimes.layers import SYSTEM_DIRS, mount_layer, system_root, unmount_layer
 from sealbox.runtimes.seccomp import bpf_program
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
@@ -42,9 +42,6 @@ MASKED_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", 
 MASKED_DIRS = ("/etc/ssh", "/etc/sudoers.d", "/etc/ssl/private")
 
 
-SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt")
-
-
 def isolation_args(uid: int, hostname: str) -> list[str]:
     """bwrap's namespaces and identity for a sandbox (or a template build) running as UID."""
     return [
@@ -54,15 +51,20 @@ def isolation_args(uid: int, hostname: str) -> list[str]:
     ]
 
 
-def masking_args() -> list[str]:
-    """Hide the host's credential files and directories that the read-only /etc would show."""
+def masked(root: Path = Path("/")) -> tuple[list[str], list[str]]:
+    """The credential files and dirs the read-only /etc (the host's, or ROOT's) would show."""
+    return ([p for p in MASKED_FILES if (root / p.lstrip("/")).exists()],
+            [p for p in MASKED_DIRS if (root / p.lstrip("/")).is_dir()])
+
+
+def masking_args(root: Path = Path("/")) -> list[str]:
+    """Hide the credential files and directories that the read-only /etc would show."""
+    files, dirs = masked(root)
     args: list[str] = []
-    for path in MASKED_FILES:
-        if Path(path).exists():
-            args += ["--ro-bind", "/dev/null", path]
-    for path in MASKED_DIRS:
-        if Path(path).is_dir():
-            args += ["--tmpfs", path]
+    for path in files:
+        args += ["--ro-bind", "/dev/null", path]
+    for path in dirs:
+        args += ["--tmpfs", path]
     return args
 
 
@@ -173,11 +175,12 @@ class NamespaceSandbox(NoCheckpoint):
         spec = self.spec
         disk = str(spec.limits.disk_bytes) if spec.limits.disk_bytes else None
         args = isolation_args(SANDBOX_UID, spec.hostname)
+        root = system_root(spec)
         for top in SYSTEM_DIRS:
-            p = Path("/") / top
-            if p.is_symlink():
-                args += ["--symlink", os.readlink(p), str(p)]
-            elif p.is_dir():
+            p, src = Path("/") / top, root / top
+            if src.is_symlink():
+                args += ["--symlink", os.readlink(src), str(p)]
+            elif src.is_dir():
                 args += ["--ro-bind", str(self._layer.get(str(p), p)), str(p)]
         args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run", "--dir", "/var"]
         if "/var" in self._layer:
@@ -187,7 +190,7 @@ class NamespaceSandbox(NoCheckpoint):
         if spec.workspace:
             args += ["--bind", str(spec.workspace), "/workspace"]
         args += ["--perms", "0755", "--dir", "/home"]
-        args += masking_args()
+        args += masking_args(root)
         etc = spec.run_dir / "etc"
         for name in ("passwd", "group", "hostname", "hosts"):
             args += ["--ro-bind", str(etc / name), f"/etc/{name}"]

@@ -1,0 +1,268 @@
+"""Templates on a Debian base: debootstrap in its own sandbox, then the usual build on top, and
+the result booted by every tier in place of the host's system dirs.
+
+The archive is local: the bookworm minbase packages fetched once by `scripts/debian-mirror`
+(which `scripts/test` runs), served on 127.0.0.1 under a made-up name pinned with --resolve,
+plus a hostile package of priority "required" (so debootstrap installs it) whose maintainer
+script tries to plant a set-uid file and a device, and to reach a host outside the policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RUN_ROOT
+from test_templates import DEB_HOST, OTHER_HOST, PackageServer, make_deb, sh
+
+from sealbox._sys import netns
+from sealbox._sys.cgroups import Cgroup
+from sealbox.egress.gateway import ResolvePin
+from sealbox.engine.config import EngineConfig
+from sealbox.engine.engine import Engine
+from sealbox.engine.spec import SandboxSpec
+from sealbox.engine.templates import TemplateSpec
+from sealbox.errors import CommandError
+from sealbox.runtimes import bootstrap, registry
+
+pytestmark = pytest.mark.timeout(900)
+
+MIRROR = Path(os.environ.get("SEALBOX_DEBIAN_MIRROR", "/var/cache/sealbox/debian-mirror"))
+DEBIAN_HOST = "debian.sealbox.test"
+SUITE = "bookworm"
+
+PROBE_POSTINST = f"""#!/bin/sh
+# Runs as root inside debootstrap's chroot: what can it do?
+out=/etc/sealbox-probe
+install -m 4755 /bin/true /usr/bin/sealbox-suid && echo suid-planted >> $out
+mknod /dev/sealbox-mem c 1 1 2>/dev/null && echo device-made >> $out || echo no-device >> $out
+perl -MIO::Socket::INET -e '
+  my $s = IO::Socket::INET->new(PeerAddr => "{OTHER_HOST}", PeerPort => 80, Timeout => 5);
+  if ($s) {{ print $s "GET /from-bootstrap HTTP/1.0\\r\\nHost: {OTHER_HOST}\\r\\n\\r\\n";
+            my $l = <$s>; print(($l // "") =~ m{{^HTTP/\\S+ 200}} ? "net-open\\n" : "net-denied\\n") }}
+  else {{ print "net-blocked\\n" }}' >> $out
+cat /proc/self/uid_map >> $out
+exit 0
+"""
+
+
+def make_probe_deb(root: Path) -> Path:
+    pkg = root / "probe"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text(
+        "Package: sealbox-probe\nVersion: 1.0\nArchitecture: all\nPriority: required\n"
+        "Maintainer: sealbox tests <t@sealbox.test>\nDescription: hostile test package\n")
+    postinst = pkg / "DEBIAN" / "postinst"
+    postinst.write_text(PROBE_POSTINST)
+    postinst.chmod(0o755)
+    deb = root / "sealbox-probe_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(pkg), str(deb)],
+                   check=True, capture_output=True)
+    return deb
+
+
+def make_archive(root: Path) -> None:
+    """/debian of the package server: the cached bookworm packages and the probe, as an
+    unsigned archive."""
+    archive = root / "repo" / "debian"
+    (archive / "pool").mkdir(parents=True)
+    (archive / "pool" / "main").symlink_to(MIRROR / "pool" / "main")
+    (archive / "pool" / "probe").mkdir()
+    shutil.move(str(make_probe_deb(root)), archive / "pool" / "probe")
+    dists = archive / "dists" / SUITE
+    (dists / "main" / "binary-amd64").mkdir(parents=True)
+    probe = subprocess.run(["apt-ftparchive", "packages", "pool/probe"], cwd=archive,
+                           check=True, capture_output=True).stdout
+    cached = (MIRROR / "dists" / SUITE / "main" / "binary-amd64" / "Packages").read_bytes()
+    (dists / "main" / "binary-amd64" / "Packages").write_bytes(cached + probe)
+    release = subprocess.run(
+        ["apt-ftparchive", "-o", f"APT::FTPArchive::Release::Suite={SUITE}",
+         "-o", f"APT::FTPArchive::Release::Codename={SUITE}",
+         "-o", "APT::FTPArchive::Release::Components=main",
+         "-o", "APT::FTPArchive::Release::Architectures=amd64", "release", f"dists/{SUITE}"],
+        cwd=archive, check=True, capture_output=True).stdout
+    (dists / "Release").write_bytes(release)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PackageServer]:
+    if not (MIRROR / "dists" / SUITE / "Release").is_file():
+        pytest.skip(f"no local Debian archive at {MIRROR}: scripts/debian-mirror makes it "
+                    "(scripts/test runs it first)")
+    root = tmp_path_factory.mktemp("debian-archive")
+    make_deb(root)  # the flat repository of sealbox-hello, at /repo
+    make_archive(root)
+    server = PackageServer(root)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def dengine(data_dir: Path, archive: PackageServer) -> AsyncIterator[Engine]:
+    pins = [ResolvePin.parse(f"{h}:80:127.0.0.1:{archive.port}")
+            for h in (DEB_HOST, DEBIAN_HOST, OTHER_HOST)]
+    eng = Engine(EngineConfig(data_dir=data_dir, resolve=pins))
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.close()
+
+
+def debian_spec(name: str, **extra: Any) -> TemplateSpec:
+    return TemplateSpec(
+        name=name, base="debian", suite=SUITE, mirror=f"http://{DEBIAN_HOST}/debian",
+        mirror_trusted=True, apt=["sealbox-hello"],
+        apt_sources=[f"deb [trusted=yes] http://{DEB_HOST}/ ./"],
+        run=["echo built > /opt/built"], env={"FROM": "debian"}, **extra)
+
+
+async def test_debian_base_build_and_boot_on_every_tier(dengine: Engine,
+                                                        archive: PackageServer) -> None:
+    events: list[dict[str, Any]] = []
+    info = await dengine.build_template(debian_spec("deb-base"), progress=events.append)
+    steps = [e["title"] for e in events if e["type"] == "step"]
+    assert steps[0] == f"debootstrap {SUITE} from http://{DEBIAN_HOST}/debian", steps
+    assert steps[1:3] == ["apt-get update", "apt install sealbox-hello"]
+    assert any(r.startswith(f"{DEBIAN_HOST}/debian/pool/") for r in archive.requests)
+
+    layer = dengine.templates.dir(info.hash) / "layer"
+    assert (layer / ".sealbox-rootfs").is_file()
+    # The hostile maintainer script ran as root of the bootstrap's own user namespace: its
+    # set-uid file lost its bit, it made no device, and it reached no host outside the policy.
+    probe = (layer / "etc" / "sealbox-probe").read_text().split("\n")
+    assert probe[:2] == ["suid-planted", "no-device"], probe
+    assert probe[2] in ("net-blocked", "net-denied"), probe
+    inside, outside, count = probe[3].split()
+    assert inside == "0" and int(outside) >= bootstrap.ID_BASE and count == "65536"
+    assert not any(OTHER_HOST in r for r in archive.requests)
+    for p in layer.rglob("*"):
+        st = p.lstat()
+        assert not st.st_mode & 0o6000, p
+        assert st.st_uid < 65536 and st.st_gid < 65536, p
+    shadow = (layer / "etc" / "shadow").lstat()
+    assert (shadow.st_uid, shadow.st_gid) == (0, 42)  # root:shadow, shifted back
+
+    host_packages = len(subprocess.run(["dpkg-query", "-W"], capture_output=True,
+                                       text=True).stdout.splitlines())
+    tiers = ["namespace"] + [t for t in ("gvisor", "microvm") if registry.get(t).probe().ok]
+    for tier in tiers:
+        await check_debian_sandbox(dengine, tier, host_packages)
+
+    # The same spec again: a cache hit, no debootstrap.
+    before = len(archive.requests)
+    events.clear()
+    again = await dengine.build_template(debian_spec("deb-again"), progress=events.append)
+    assert again.hash == info.hash and [e["type"] for e in events] == ["cached"]
+    assert len(archive.requests) == before
+
+    # A snapshot keeps the base: a sandbox made from it is still on Debian's tree.
+    sb = await dengine.create(SandboxSpec(runtime="namespace", template="deb-base"))
+    try:
+        await sh(dengine, sb.id, "echo kept > /workspace/k")
+        await dengine.snapshot(sb.id, "deb-snap")
+    finally:
+        await dengine.kill(sb.id)
+    child = await dengine.create(SandboxSpec(runtime="namespace", template="deb-snap"))
+    try:
+        code, out = await sh(dengine, child.id, "cat /workspace/k; sealbox-hello; "
+                                                "test -e /usr/bin/bwrap || echo no-bwrap")
+        assert (code, out.split()) == (0, ["kept", "hello", "from", "a", "deb", "no-bwrap"])
+    finally:
+        await dengine.kill(child.id)
+
+
+async def check_debian_sandbox(engine: Engine, tier: str, host_packages: int) -> None:
+    sb = await engine.create(SandboxSpec(runtime=tier, template="deb-base"))
+    try:
+        code, out = await sh(engine, sb.id, "sealbox-hello; cat /opt/built; echo $FROM; id -un")
+        assert (code, out.split()) == (0, ["hello", "from", "a", "deb", "built", "debian",
+                                           "user"]), (tier, out)
+        # Debian's tree, not the host's: the host's own programs are not there, and dpkg
+        # knows only the base's packages.
+        for prog in ("/usr/bin/bwrap", "/usr/bin/runsc", "/usr/bin/qemu-system-x86_64"):
+            assert Path(prog).exists()
+            code, _ = await sh(engine, sb.id, f"test -e {prog}")
+            assert code != 0, (tier, prog)
+        code, out = await sh(engine, sb.id, "dpkg-query -W | wc -l")
+        assert code == 0 and 50 < int(out) < host_packages, (tier, out)
+        # Read-only, no set-id programs, and the base's shadow file is not the user's to read.
+        code, _ = await sh(engine, sb.id, "echo x > /usr/bin/sealbox-hello")
+        assert code != 0, tier
+        code, out = await sh(engine, sb.id, "find /usr -xdev -perm /6000 -type f | head -3")
+        assert (code, out.strip()) == (0, ""), (tier, out)
+        code, out = await sh(engine, sb.id, "cat /etc/shadow")
+        assert "root:" not in out, (tier, out)
+    finally:
+        await engine.kill(sb.id)
+
+
+async def test_debian_base_bad_archive_fails_clearly(dengine: Engine) -> None:
+    spec = TemplateSpec(name="deb-bad", base="debian", suite=SUITE,
+                        mirror=f"http://{DEBIAN_HOST}/nothing-here", mirror_trusted=True)
+    with pytest.raises(CommandError, match="debootstrap bookworm") as err:
+        await dengine.build_template(spec)
+    assert "Release" in str(err.value)  # the log tail says what debootstrap could not get
+    assert not dengine.templates.list(None)
+    # The signature is checked unless the spec says otherwise: this archive is unsigned.
+    signed = TemplateSpec(name="deb-unsigned", base="debian", suite=SUITE,
+                          mirror=f"http://{DEBIAN_HOST}/debian")
+    with pytest.raises(CommandError, match="debootstrap"):
+        await dengine.build_template(signed)
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ({"suite": "bookworm"}, "for base 'debian'"),
+    ({"base": "debian", "suite": "Book Worm"}, "not a Debian suite"),
+    ({"base": "debian", "mirror": "ftp://deb.debian.org/debian"}, "http"),
+    ({"base": "ubuntu"}, "'host' or 'debian'"),
+])
+def test_bad_debian_specs(body: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TemplateSpec.model_validate({"name": "x", **body})
+
+
+async def test_bootstrap_sandbox_is_root_of_nothing(tmp_path: Path) -> None:
+    """What debootstrap's sandbox allows: root of its own ids only, no mount, device or new
+    namespace, the host read-only; and nothing of it left afterwards."""
+    ns = "sealbox-bstest"
+    run_dir = RUN_ROOT / "sbbstest"
+    await asyncio.to_thread(netns.create, ns)
+    output = bytearray()
+    try:
+        run_dir.mkdir(mode=0o711)
+        spec = bootstrap.Bootstrap(sandbox_id="sbbstest", netns=ns, target=tmp_path / "t",
+                                   run_dir=run_dir, suite=SUITE,
+                                   mirror="http://unused.sealbox.test/debian")
+        script = ("id -u; cat /proc/self/uid_map; touch /target/f && chown 42:42 /target/f; "
+                  "mknod /target/n c 1 3 || echo no-mknod; mount -t tmpfs x /tmp || "
+                  "echo no-mount; unshare -U true || echo no-userns; "
+                  "echo x > /usr/sealbox-x || echo no-host-write; "
+                  "cat /etc/shadow | grep -c root || echo no-shadow; "
+                  "cat /proc/sys/user/max_user_namespaces")
+        code = await bootstrap.run(spec, output.extend, ["/bin/sh", "-c", script])
+    finally:
+        await asyncio.to_thread(netns.delete, ns)
+    left = list(run_dir.glob("*"))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    text = output.decode(errors="replace")
+    assert code == 0, text
+    lines = text.split("\n")
+    assert lines[0] == "0"
+    first = bootstrap.id_base_for("sbbstest")
+    assert lines[1].split() == ["0", str(first), "65536"]
+    for word in ("no-mknod", "no-mount", "no-userns", "no-host-write", "no-shadow"):
+        assert word in lines, (word, text)
+    assert lines[-2] == "0"
+    f = (tmp_path / "t" / "f").lstat()
+    assert (f.st_uid, f.st_gid) == (first + 42, first + 42)
+    assert not (tmp_path / "t" / "n").exists()
+    assert not Cgroup("sbbstest").exists()
+    assert not left, "the target's bind mount is left"
+    assert not Path("/usr/sealbox-x").exists()
