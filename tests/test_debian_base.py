@@ -266,3 +266,30 @@ async def test_bootstrap_sandbox_is_root_of_nothing(tmp_path: Path) -> None:
     assert not Cgroup("sbbstest").exists()
     assert not left, "the target's bind mount is left"
     assert not Path("/usr/sealbox-x").exists()
+
+
+def test_cli_builds_and_runs_on_a_debian_base(tmp_path: Path, archive: PackageServer) -> None:
+    import sys
+
+    env = {**os.environ, "SEALBOX_DATA_DIR": str(tmp_path / "data")}
+    env.pop("SEALBOX_URL", None)
+    cli = [sys.executable, "-c", "from sealbox.cli.main import main; main()"]
+    pin = f"{DEBIAN_HOST}:80:127.0.0.1:{archive.port}"
+    out = subprocess.run([*cli, "template", "build", "deb-cli", "--base", "debian", "--suite",
+                          SUITE, "--mirror", f"http://{DEBIAN_HOST}/debian", "--mirror-trusted",
+                          "--resolve", pin], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "template deb-cli" in out.stdout
+    out = subprocess.run([*cli, "run", "--runtime", "namespace", "--template", "deb-cli", "--",
+                          "sh", "-c", "test -e /usr/bin/bwrap || cat /etc/debian_version"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("12."), (out.stdout, out.stderr)
+    out = subprocess.run([*cli, "template", "logs", "deb-cli"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert "Base system installed successfully" in out.stdout
+    # A user mistake is one clear line, no traceback.
+    out = subprocess.run([*cli, "template", "build", "x", "--mirror", "http://m/debian"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "for base 'debian'" in out.stderr
+    assert "Traceback" not in out.stderr
