@@ -30,6 +30,7 @@ from sealbox.engine.spec import SandboxSpec
 from sealbox.engine.templates import TemplateSpec
 from sealbox.errors import CommandError
 from sealbox.runtimes import bootstrap, registry
+from sealbox.runtimes.build import make_skeleton, within
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -293,3 +294,20 @@ def test_cli_builds_and_runs_on_a_debian_base(tmp_path: Path, archive: PackageSe
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "for base 'debian'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_tree_with_symlinks_out_never_leads_the_host_to_its_own_files(tmp_path: Path) -> None:
+    """A Debian tree is written by maintainer scripts: where it holds symlinks to absolute
+    paths, the host-side build steps must not follow them to the host's own dirs."""
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    (root / "var").symlink_to("/var")  # so var/lib/dpkg is the host's package database
+    (root / "etc").symlink_to("/etc")
+    (root / "usr" / "share").mkdir(parents=True)
+    assert within(root, "var/lib/dpkg") is None and within(root, "etc") is None
+    assert within(root, "usr/share") == root / "usr" / "share"
+    upper = tmp_path / "upper"
+    make_skeleton(upper, os.getuid(), root)
+    assert not (upper / "var" / "lib" / "dpkg").exists()
+    assert not (upper / "etc").exists()
+    assert (upper / "usr" / "share").is_dir()

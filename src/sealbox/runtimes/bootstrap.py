@@ -123,13 +123,13 @@ async def run(spec: Bootstrap, write: Callable[[bytes], None],
     first_id = id_base_for(spec.sandbox_id)
     os.chown(spec.target, first_id, first_id)
     cgroup = Cgroup(spec.sandbox_id)
-    cgroup.create(None, spec.memory_bytes, spec.pids)
     proc = None
-    # The target's parents are not this namespace's root's to enter: it is shown in the run
-    # dir (which its uid may pass through) instead.
-    overlay.bind(spec.target, spec.shown_target)
     rfd, wfd = os.pipe()
     try:
+        cgroup.create(None, spec.memory_bytes, spec.pids)
+        # The target's parents are not this namespace's root's to enter: it is shown in the
+        # run dir (which its uid may pass through) instead.
+        overlay.bind(spec.target, spec.shown_target)
         os.write(wfd, bpf_program())
         os.close(wfd)
         wfd = -1
@@ -153,7 +153,8 @@ async def run(spec: Bootstrap, write: Callable[[bytes], None],
         await kill_child(proc)
         await asyncio.to_thread(cgroup.remove)
         await asyncio.to_thread(overlay.unmount_all, spec.shown_target)
-        spec.shown_target.rmdir()
+        if spec.shown_target.is_dir():
+            spec.shown_target.rmdir()
 
 
 def seal_rootfs(root: Path, first_id: int) -> None:

@@ -44,11 +44,19 @@ COPIED = ("var/lib/dpkg", "var/lib/apt", "var/cache/debconf")
 _OPAQUE = "trusted.overlay.opaque"
 
 
+def within(root: Path, rel: str) -> Path | None:
+    """ROOT/REL if it resolves inside ROOT: a tree made by a build (a Debian base) may hold
+    symlinks to absolute paths, which the host must never follow to its own files."""
+    path = root / rel
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return path if real == top or real.startswith(top.rstrip("/") + "/") else None
+
+
 def make_skeleton(upper: Path, uid: int, root: Path = Path("/")) -> None:
     """Empty copies of every directory of the captured dirs of ROOT, owned by UID."""
     for part in CAPTURED:
-        src = root / part
-        if not src.is_dir() or src.is_symlink():
+        src = within(root, part)
+        if src is None or not src.is_dir() or src.is_symlink():
             continue
         for base, dirs, _ in os.walk(src):
             rel = os.path.relpath(base, root)
@@ -64,8 +72,8 @@ def make_skeleton(upper: Path, uid: int, root: Path = Path("/")) -> None:
         # Files dpkg, apt and debconf replace after hard-linking a backup (status-old): a
         # hard link to a file another uid owns is refused (protected_hardlinks), so the
         # build gets its own copy.
-        src = root / part
-        if not src.is_dir():
+        src = within(root, part)
+        if src is None or not src.is_dir():
             continue
         for entry in src.iterdir():
             if entry.is_file() and not entry.is_symlink():
@@ -107,7 +115,8 @@ def finalize(upper: Path, root: Path = Path("/")) -> None:
                 continue
             if stat.S_ISDIR(mode) and not os.listdir(path):
                 rel = os.path.relpath(path, upper)
-                if (root / rel).is_dir() and not _opaque(path):
+                below = within(root, rel)
+                if below is not None and below.is_dir() and not _opaque(path):
                     os.rmdir(path)  # an unchanged skeleton dir
         if base != str(upper):
             os.chmod(base, stat.S_IMODE(os.lstat(base).st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
@@ -121,9 +130,9 @@ def _unchanged_copy(upper: Path, path: str, root: Path) -> bool:
     rel = os.path.relpath(path, upper)
     if rel not in LOCKS and os.path.dirname(rel) not in COPIED:
         return False
-    host = root / rel
+    host = within(root, rel)
     try:
-        return host.is_file() and filecmp.cmp(host, path, shallow=False)
+        return host is not None and host.is_file() and filecmp.cmp(host, path, shallow=False)
     except OSError:
         return False
 
@@ -158,8 +167,8 @@ class BuildSandbox(NamespaceSandbox):
     def _mount(self) -> None:
         make_skeleton(self.upper, self._uid(), self.root)
         for part in CAPTURED:
-            src = self.root / part
-            if src.is_dir() and not src.is_symlink():
+            src = within(self.root, part)
+            if src is not None and src.is_dir() and not src.is_symlink():
                 (self.work / part).mkdir(parents=True, exist_ok=True)
                 overlay.mount(self._root() / part, [src], self.upper / part, self.work / part)
 
