@@ -48,6 +48,8 @@ import reach  # noqa: E402  (bench/reach.py, next to this file)
 
 TIERS = ("namespace", "gvisor", "microvm")
 BENCH_HOST = "api.bench.test"
+DEBIAN_HOST = "debian.bench.test"
+DEBIAN_MIRROR = Path(os.environ.get("SEALBOX_DEBIAN_MIRROR", "/var/cache/sealbox/debian-mirror"))
 SECRET_VALUE = "sk-bench-real-value-0123456789"
 # Absolute paths: the host's PATH may lead to another interpreter (pyenv shims here).
 CPU_CMD = ["/usr/bin/python3", "-c", "sum(i*i for i in range(3*10**6))"]
@@ -584,6 +586,40 @@ class Bench:
             note=f"filesystem snapshot taken in {snap_s * 1000:.0f} ms (processes are not "
                  "restored on this tier); first exec reads a file from the snapshot"))
 
+    # 6c. create -> first exec from a template on a Debian base (its own system dirs in place
+    # of the host's), against a cold create on the host's dirs
+    async def debian_start(self, tier: str) -> None:
+        if not (DEBIAN_MIRROR / "dists" / "bookworm" / "Release").is_file():
+            self.report.skipped.append({"tier": tier, "why": "Debian base: no local archive "
+                                        f"at {DEBIAN_MIRROR} (scripts/debian-mirror)"})
+            return
+        from sealbox.engine.templates import TemplateSpec
+
+        name = "bench-debian"
+        t0 = time.perf_counter()
+        info = await self.engine.build_template(TemplateSpec(
+            name=name, base="debian", suite="bookworm", mirror=f"http://{DEBIAN_HOST}/",
+            mirror_trusted=True))
+        build_s = time.perf_counter() - t0
+        samples: list[float] = []
+        for _ in range(self.s.reps(tier, 10, 3, 3)):
+            t0 = time.perf_counter()
+            sb = await self.engine.create(SandboxSpec.model_validate(
+                {"runtime": tier, "timeout": 3600, "template": name}))
+            try:
+                r = await self._run(sb.id, "cat /etc/debian_version")
+                samples.append(time.perf_counter() - t0)
+                if not r.stdout.startswith("12."):
+                    raise RuntimeError(f"not the Debian base: {r.stdout!r}")
+            finally:
+                await self.engine.kill(sb.id)
+        self.report.add(Row(
+            "create → first exec (Debian-base template)", tier, "s", samples,
+            "cold create → first exec (same run)", self.cold.get(tier, []),
+            note=f"bookworm minbase + python3 ({info.size / 1e6:.0f} MB), built in "
+                 f"{build_s:.0f} s (the first tier's row) from a local archive; later "
+                 "builds are cache hits"))
+
     async def _pool_ready(self, key: str, size: int) -> None:
         deadline = time.monotonic() + 300
         while True:
@@ -893,9 +929,11 @@ async def run_all(settings: Settings, report: Report, only: set[str] | None) -> 
     with tempfile.TemporaryDirectory(prefix="sealbox-bench-") as tmp_name:
         tmp = Path(tmp_name)
         server = BenchServer(tmp, BENCH_HOST)
+        archive = ArchiveServer(DEBIAN_MIRROR)
         engine = Engine(EngineConfig(
             data_dir=tmp / "data",
-            resolve=[ResolvePin.parse(f"{BENCH_HOST}:443:127.0.0.1:{server.port}")],
+            resolve=[ResolvePin.parse(f"{BENCH_HOST}:443:127.0.0.1:{server.port}"),
+                     ResolvePin.parse(f"{DEBIAN_HOST}:80:127.0.0.1:{archive.port}")],
             upstream_ca=[server.ca_path]))
         bench = Bench(engine, server, settings, report)
 
@@ -924,6 +962,8 @@ async def run_all(settings: Settings, report: Report, only: set[str] | None) -> 
                     await guard(f"start {t}", lambda t=t: bench.start(t))
                 if wanted("snapshot") and t != "microvm":
                     await guard(f"snapshot {t}", lambda t=t: bench.snapshot_start(t))
+                if wanted("debian"):
+                    await guard(f"debian {t}", lambda t=t: bench.debian_start(t))
                 if wanted("pool"):
                     await guard(f"pool {t}", lambda t=t: bench.pool_start(t))
                 if wanted("exec"):
@@ -948,6 +988,29 @@ async def run_all(settings: Settings, report: Report, only: set[str] | None) -> 
         finally:
             await engine.close()
             server.close()
+            archive.close()
+
+
+class ArchiveServer:
+    """The local Debian archive on 127.0.0.1, for the Debian-base benchmark."""
+
+    def __init__(self, directory: Path) -> None:
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        handler = functools.partial(Quiet, directory=str(directory))
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 async def workloads(bench: Bench, tiers: list[str]) -> None:
@@ -979,8 +1042,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiers", default=",".join(TIERS),
                     help="comma-separated tiers (default: all three)")
     ap.add_argument("--only", default="",
-                    help="comma-separated subset of start,snapshot,pool,exec,memory,pause,fork,"
-                         "throughput,density,workload,egress,reach")
+                    help="comma-separated subset of start,snapshot,debian,pool,exec,memory,"
+                         "pause,fork,throughput,density,workload,egress,reach")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.json"))
     ap.add_argument("--chart", default=str(ROOT / "docs" / "benchmarks.png"),
                     help="PNG chart of the headline numbers ('' = none)")
