@@ -68,6 +68,8 @@ def test_doctor_lists_tiers() -> None:
     assert r.returncode == 0
     assert r.stdout.splitlines()[0].split()[:2] == ["namespace", "ok"]
     assert any(line.startswith("gvisor") for line in r.stdout.splitlines())
+    # What a Debian base needs is said too (scripts/setup installs it).
+    assert r.stdout.splitlines()[-1].split()[:2] == ["debian", "ok"], r.stdout
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import typer
 from rich.console import Console
 
@@ -20,5 +22,11 @@ def doctor() -> None:
         if probe.ok and probe.auto_skip:
             console.print(f"{'':<10}      not chosen by --runtime auto: {probe.auto_skip}",
                           soft_wrap=True)
+    # Not a tier: what templates with `base: debian` need on the server's host.
+    debootstrap = shutil.which("debootstrap")
+    state = "[green]ok[/green]  " if debootstrap else "[yellow]no[/yellow]  "
+    detail = (f"templates on a Debian base: {debootstrap}" if debootstrap else
+              "templates on a Debian base need debootstrap: apt-get install debootstrap")
+    console.print(f"{'debian':<10} {state} ({detail})", soft_wrap=True)
     if not any_ok:
         raise typer.Exit(1)
