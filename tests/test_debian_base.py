@@ -37,6 +37,7 @@ pytestmark = pytest.mark.timeout(900)
 MIRROR = Path(os.environ.get("SEALBOX_DEBIAN_MIRROR", "/var/cache/sealbox/debian-mirror"))
 DEBIAN_HOST = "debian.sealbox.test"
 SUITE = "bookworm"
+SUITES = (SUITE, "trixie")
 
 PROBE_POSTINST = f"""#!/bin/sh
 # Runs as root inside debootstrap's chroot: what can it do?
@@ -69,31 +70,32 @@ def make_probe_deb(root: Path) -> Path:
 
 
 def make_archive(root: Path) -> None:
-    """/debian of the package server: the cached bookworm packages and the probe, as an
-    unsigned archive."""
+    """/debian of the package server: the cached packages of each suite, unsigned, and the
+    probe among bookworm's."""
     archive = root / "repo" / "debian"
-    (archive / "pool").mkdir(parents=True)
-    (archive / "pool" / "main").symlink_to(MIRROR / "pool" / "main")
-    (archive / "pool" / "probe").mkdir()
+    (archive / "pool" / "probe").mkdir(parents=True)
     shutil.move(str(make_probe_deb(root)), archive / "pool" / "probe")
-    dists = archive / "dists" / SUITE
-    (dists / "main" / "binary-amd64").mkdir(parents=True)
-    probe = subprocess.run(["apt-ftparchive", "packages", "pool/probe"], cwd=archive,
-                           check=True, capture_output=True).stdout
-    cached = (MIRROR / "dists" / SUITE / "main" / "binary-amd64" / "Packages").read_bytes()
-    (dists / "main" / "binary-amd64" / "Packages").write_bytes(cached + probe)
-    release = subprocess.run(
-        ["apt-ftparchive", "-o", f"APT::FTPArchive::Release::Suite={SUITE}",
-         "-o", f"APT::FTPArchive::Release::Codename={SUITE}",
-         "-o", "APT::FTPArchive::Release::Components=main",
-         "-o", "APT::FTPArchive::Release::Architectures=amd64", "release", f"dists/{SUITE}"],
-        cwd=archive, check=True, capture_output=True).stdout
-    (dists / "Release").write_bytes(release)
+    for suite in SUITES:
+        (archive / "pool" / suite).symlink_to(MIRROR / "pool" / suite)
+        packages = (MIRROR / "dists" / suite / "main" / "binary-amd64" / "Packages").read_bytes()
+        if suite == SUITE:
+            packages += subprocess.run(["apt-ftparchive", "packages", "pool/probe"],
+                                       cwd=archive, check=True, capture_output=True).stdout
+        dists = archive / "dists" / suite
+        (dists / "main" / "binary-amd64").mkdir(parents=True)
+        (dists / "main" / "binary-amd64" / "Packages").write_bytes(packages)
+        release = subprocess.run(
+            ["apt-ftparchive", "-o", f"APT::FTPArchive::Release::Suite={suite}",
+             "-o", f"APT::FTPArchive::Release::Codename={suite}",
+             "-o", "APT::FTPArchive::Release::Components=main",
+             "-o", "APT::FTPArchive::Release::Architectures=amd64", "release",
+             f"dists/{suite}"], cwd=archive, check=True, capture_output=True).stdout
+        (dists / "Release").write_bytes(release)
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PackageServer]:
-    if not (MIRROR / "dists" / SUITE / "Release").is_file():
+    if not all((MIRROR / "dists" / suite / "Release").is_file() for suite in SUITES):
         pytest.skip(f"no local Debian archive at {MIRROR}: scripts/debian-mirror makes it "
                     "(scripts/test runs it first)")
     root = tmp_path_factory.mktemp("debian-archive")
@@ -311,3 +313,20 @@ def test_a_tree_with_symlinks_out_never_leads_the_host_to_its_own_files(tmp_path
     assert not (upper / "var" / "lib" / "dpkg").exists()
     assert not (upper / "etc").exists()
     assert (upper / "usr" / "share").is_dir()
+
+
+async def test_another_debian_release(dengine: Engine) -> None:
+    """A base need not be the host's release: trixie (Debian 13, Python 3.13) on this bookworm
+    host, its own python running every tier's guest agent."""
+    await dengine.build_template(TemplateSpec(
+        name="trixie", base="debian", suite="trixie", mirror=f"http://{DEBIAN_HOST}/debian",
+        mirror_trusted=True))
+    tiers = ["namespace"] + [t for t in ("gvisor", "microvm") if registry.get(t).probe().ok]
+    for tier in tiers:
+        sb = await dengine.create(SandboxSpec(runtime=tier, template="trixie"))
+        try:
+            code, out = await sh(dengine, sb.id, "cut -d. -f1 /etc/debian_version; python3 -c "
+                                 "'import sys; print(sys.version_info[:2])'; id -un")
+            assert (code, out.split("\n")[:3]) == (0, ["13", "(3, 13)", "user"]), (tier, out)
+        finally:
+            await dengine.kill(sb.id)
