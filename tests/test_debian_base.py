@@ -330,3 +330,62 @@ async def test_another_debian_release(dengine: Engine) -> None:
             assert (code, out.split("\n")[:3]) == (0, ["13", "(3, 13)", "user"]), (tier, out)
         finally:
             await dengine.kill(sb.id)
+
+
+def _mounts_naming(word: str) -> list[str]:
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if word in line]
+
+
+def test_build_owner_killed_during_debootstrap_leaves_nothing(tmp_path: Path,
+                                                             archive: PackageServer) -> None:
+    """SIGKILL the process whose build is in debootstrap; the next engine's reconcile removes
+    the sandbox, its bind mount, scratch disk, netns, cgroup and build dir."""
+    import signal
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    pin = f"{DEBIAN_HOST}:80:127.0.0.1:{archive.port}"
+    code = ("import asyncio, sys; from pathlib import Path; "
+            "from sealbox.egress.gateway import ResolvePin; "
+            "from sealbox.engine.config import EngineConfig; from sealbox.engine.engine import "
+            "Engine; from sealbox.engine.templates import TemplateSpec\n"
+            "async def main():\n"
+            "    e = Engine(EngineConfig(data_dir=Path(sys.argv[1]), "
+            "resolve=[ResolvePin.parse(sys.argv[2])]))\n"
+            "    await e.build_template(TemplateSpec(name='deb', base='debian', "
+            f"mirror='http://{DEBIAN_HOST}/debian', mirror_trusted=True))\n"
+            "asyncio.run(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(data), pin])
+    log_dir = data / "templates" / "logs"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = list(log_dir.glob("*.log")) if log_dir.is_dir() else []
+        if logs and "I: Unpacking" in logs[0].read_text():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the build process ended early"
+    build_ids = [p.name.removeprefix(".build-") for p in (data / "templates").glob(".build-*")]
+    assert len(build_ids) == 1
+    sid = build_ids[0]
+    assert _mounts_naming(f"{sid}/bootstrap-target"), "not in debootstrap"
+    assert Cgroup(sid).pids()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    async def restart() -> None:
+        eng = Engine(EngineConfig(data_dir=data))
+        await eng.start()
+        try:
+            assert eng.get(sid).state.value == "killed"
+            assert not eng.templates.exists("deb")
+        finally:
+            await eng.close()
+
+    asyncio.run(restart())
+    assert not list((data / "templates").glob(".build-*"))
+    assert not _mounts_naming(sid)
+    assert not Cgroup(sid).exists()
+    assert not (RUN_ROOT / sid).exists()
+    assert not Path(f"/run/netns/sealbox-{sid}").exists()
