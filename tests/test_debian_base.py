@@ -248,7 +248,7 @@ async def test_bootstrap_sandbox_is_root_of_nothing(tmp_path: Path) -> None:
                   "echo no-mount; unshare -U true || echo no-userns; "
                   "echo x > /usr/sealbox-x || echo no-host-write; "
                   "cat /etc/shadow | grep -c root || echo no-shadow; "
-                  "cat /proc/sys/user/max_user_namespaces")
+                  "grep CapEff /proc/self/status; cat /proc/sys/user/max_user_namespaces")
         code = await bootstrap.run(spec, output.extend, ["/bin/sh", "-c", script])
     finally:
         await asyncio.to_thread(netns.delete, ns)
@@ -263,6 +263,11 @@ async def test_bootstrap_sandbox_is_root_of_nothing(tmp_path: Path) -> None:
     for word in ("no-mknod", "no-mount", "no-userns", "no-host-write", "no-shadow"):
         assert word in lines, (word, text)
     assert lines[-2] == "0"
+    # Root of its own ids, but without the capabilities that open namespaces, mounts or
+    # netfilter: CAP_SYS_ADMIN (21) and CAP_NET_ADMIN (12) are not among them.
+    caps = int(lines[-3].split()[1], 16)
+    assert caps & (1 << 0) and caps & (1 << 18)  # CAP_CHOWN, CAP_SYS_CHROOT
+    assert not caps & (1 << 21) and not caps & (1 << 12), hex(caps)
     f = (tmp_path / "t" / "f").lstat()
     assert (f.st_uid, f.st_gid) == (first + 42, first + 42)
     assert not (tmp_path / "t" / "n").exists()

@@ -7,8 +7,8 @@ while every file it writes belongs to unprivileged host ids and host root's file
 its reach. bubblewrap (run by that namespace's root, so it makes no namespace of users itself)
 gives it the host's /usr read-only, its own /proc, a /dev of the usual device nodes for the
 new tree (mknod is not allowed in a user namespace), the gateway's resolv.conf and CA bundle,
-and the sandboxes' seccomp filter (no mount, no new namespaces). Its network is the build's
-netns, behind the egress gateway.
+only the capabilities dpkg needs (`CAPABILITIES`), and the sandboxes' seccomp filter (no mount,
+no unshare). Its network is the build's netns, behind the egress gateway.
 
 `seal_rootfs` then makes the tree a template base: ids shifted back (the range's first id
 becomes root), set-id bits and file capabilities dropped, no device files, fifos or sockets.
@@ -40,6 +40,12 @@ ID_SLOTS = 4096
 """Each build gets one of ID_SLOTS ranges of ID_COUNT ids from ID_BASE: far above the
 namespace tier's uids (2,000,000..3,000,000) and any account's."""
 TARGET = "/target"
+CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER",
+                "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
+                "CAP_SETFCAP", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE", "CAP_MKNOD")
+"""What dpkg and maintainer scripts need as root (Docker's default set, less raw sockets and
+binding low ports): no CAP_SYS_ADMIN or CAP_NET_ADMIN, so no namespace of any kind can be made
+from it (and with it no netfilter or mount code reachable that only they open)."""
 PACKAGES = ("python3", "ca-certificates")
 """Every sandbox runs the guest agent with the image's python3 and shows the gateway's CA
 bundle at /etc/ssl/certs: a base without them could not start."""
@@ -90,7 +96,9 @@ class Bootstrap:
     def bwrap_args(self, seccomp_fd: int, argv: list[str]) -> list[str]:
         args = ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                 "--die-with-parent", "--new-session", "--hostname", "sealbox-build",
-                "--clearenv", "--cap-add", "ALL"]
+                "--clearenv", "--cap-drop", "ALL"]
+        for cap in CAPABILITIES:
+            args += ["--cap-add", cap]
         for top in SYSTEM_DIRS:
             p = Path("/") / top
             if p.is_symlink():
