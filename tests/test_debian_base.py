@@ -38,6 +38,7 @@ MIRROR = Path(os.environ.get("SEALBOX_DEBIAN_MIRROR", "/var/cache/sealbox/debian
 DEBIAN_HOST = "debian.sealbox.test"
 SUITE = "bookworm"
 SUITES = (SUITE, "trixie")
+ESCAPE = "/run/sealbox-probe-escape"
 
 PROBE_POSTINST = f"""#!/bin/sh
 # Runs as root inside debootstrap's chroot: what can it do?
@@ -50,6 +51,8 @@ perl -MIO::Socket::INET -e '
             my $l = <$s>; print(($l // "") =~ m{{^HTTP/\\S+ 200}} ? "net-open\\n" : "net-denied\\n") }}
   else {{ print "net-blocked\\n" }}' >> $out
 cat /proc/self/uid_map >> $out
+# A trap for the host: a symlink where sealbox marks a whole-system layer.
+ln -s {ESCAPE} /.sealbox-rootfs
 exit 0
 """
 
@@ -136,7 +139,9 @@ async def test_debian_base_build_and_boot_on_every_tier(dengine: Engine,
     assert any(r.startswith(f"{DEBIAN_HOST}/debian/pool/") for r in archive.requests)
 
     layer = dengine.templates.dir(info.hash) / "layer"
-    assert (layer / ".sealbox-rootfs").is_file()
+    mark = layer / ".sealbox-rootfs"
+    assert mark.is_file() and not mark.is_symlink()
+    assert not Path(ESCAPE).exists(), "the host wrote through the tree's symlink"
     # The hostile maintainer script ran as root of the bootstrap's own user namespace: its
     # set-uid file lost its bit, it made no device, and it reached no host outside the policy.
     probe = (layer / "etc" / "sealbox-probe").read_text().split("\n")

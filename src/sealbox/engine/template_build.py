@@ -13,6 +13,7 @@ host's dirs, and the template's layer is the whole merged system, marked as such
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import shutil
 import subprocess
@@ -189,7 +190,16 @@ def _merge_rootfs(scratch: Path, merged: Path, layer: Path) -> None:
         _copy_tree(merged, layer)
     finally:
         overlay.unmount_all(merged)
-    (layer / ROOTFS_MARK).write_text("a whole system: its dirs replace the host's\n")
+    # The tree was written by maintainer scripts: whatever it holds at the mark's name (a
+    # symlink to a host file, say) is removed, never written through.
+    mark = layer / ROOTFS_MARK
+    if mark.is_dir() and not mark.is_symlink():
+        shutil.rmtree(mark)
+    elif os.path.lexists(mark):
+        mark.unlink()
+    fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write("a whole system: its dirs replace the host's\n")
 
 
 def _changed(upper: Path) -> bool:
