@@ -51,8 +51,10 @@ perl -MIO::Socket::INET -e '
             my $l = <$s>; print(($l // "") =~ m{{^HTTP/\\S+ 200}} ? "net-open\\n" : "net-denied\\n") }}
   else {{ print "net-blocked\\n" }}' >> $out
 cat /proc/self/uid_map >> $out
-# A trap for the host: a symlink where sealbox marks a whole-system layer.
+# Traps for the host: a symlink where sealbox marks a whole-system layer, and a top-level
+# link out of the tree (a tier that recreates it on the host would follow it).
 ln -s {ESCAPE} /.sealbox-rootfs
+ln -s /etc /sealbox-out
 exit 0
 """
 
@@ -142,6 +144,8 @@ async def test_debian_base_build_and_boot_on_every_tier(dengine: Engine,
     mark = layer / ".sealbox-rootfs"
     assert mark.is_file() and not mark.is_symlink()
     assert not Path(ESCAPE).exists(), "the host wrote through the tree's symlink"
+    assert not os.path.lexists(layer / "sealbox-out")
+    assert os.readlink(layer / "bin") == "usr/bin"
     # The hostile maintainer script ran as root of the bootstrap's own user namespace: its
     # set-uid file lost its bit, it made no device, and it reached no host outside the policy.
     probe = (layer / "etc" / "sealbox-probe").read_text().split("\n")

@@ -172,6 +172,16 @@ def seal_rootfs(root: Path, first_id: int) -> None:
             _seal(os.path.join(base, name), first_id)
     _seal(str(root), first_id)
     os.chmod(root, 0o755)
+    for entry in root.iterdir():
+        # Top-level links are recreated on the host side of some tiers (gVisor's bundle),
+        # where an absolute or climbing target would lead out: a merged-/usr system needs
+        # only links like bin -> usr/bin.
+        if entry.is_symlink() and not _inside_link(os.readlink(entry)):
+            entry.unlink()
+
+
+def _inside_link(target: str) -> bool:
+    return not target.startswith("/") and ".." not in Path(target).parts
 
 
 def _seal(path: str, first_id: int) -> None:
