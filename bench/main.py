@@ -257,6 +257,9 @@ def host_info() -> dict[str, Any]:
 class Settings:
     tiers: list[str]
     quick: bool
+    density_caps: dict[str, int] = field(default_factory=dict)
+    """--density-cap: how far the density search may go per tier (it also stops at the
+    memory reserve or the first failure)."""
 
     def reps(self, tier: str, normal: int, quick: int, microvm: int) -> int:
         if tier == "microvm":
@@ -679,6 +682,7 @@ class Bench:
         cap = {"namespace": 300, "gvisor": 60, "microvm": 12}[tier]
         if self.s.quick:
             cap = {"namespace": 40, "gvisor": 10, "microvm": 3}[tier]
+        cap = self.s.density_caps.get(tier, cap)
         total = mem_total()
         reserve = max(4 * 2**30, total // 5)
         workers = {"namespace": 4, "gvisor": 2, "microvm": 1}[tier]
@@ -1051,6 +1055,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="",
                     help="comma-separated subset of start,snapshot,debian,pool,exec,memory,"
                          "pause,fork,throughput,density,workload,egress,reach")
+    ap.add_argument("--density-cap", default="",
+                    help="TIER=N,… how many sandboxes the density search may create per tier "
+                         "(default 300/60/12; it also stops at the memory reserve)")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.json"))
     ap.add_argument("--chart", default=str(ROOT / "docs" / "benchmarks.png"),
                     help="PNG chart of the headline numbers ('' = none)")
@@ -1060,12 +1067,24 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown tier(s) {', '.join(bad)}: choose from {', '.join(TIERS)}")
     only = {x.strip() for x in args.only.split(",") if x.strip()} or None
+    caps: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in args.density_cap.split(","))):
+        tier, _, n = item.partition("=")
+        if tier not in TIERS or not n.isdigit() or int(n) < 1:
+            ap.error(f"--density-cap {item!r}: use TIER=N with TIER one of {', '.join(TIERS)}")
+        caps[tier] = int(n)
     if os.geteuid() != 0:
         print("bench: must run as root (sandboxes need namespaces, cgroups and nftables)",
               file=sys.stderr)
         return 2
 
-    settings = Settings(tiers=tiers, quick=args.quick)
+    settings = Settings(tiers=tiers, quick=args.quick, density_caps=caps)
+    # Each sandbox holds a few descriptors in this process (agent channel, gateway sockets):
+    # a long density search must not stop at the soft limit of open files.
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     report = Report()
     info = host_info()
     print(f"sealbox benchmarks, {info['date']}, commit {info['git_commit'][:10]}"
