@@ -41,6 +41,7 @@ from sealbox.engine.config import EngineConfig  # noqa: E402
 from sealbox.engine.engine import Engine  # noqa: E402
 from sealbox.engine.pools import PoolConfig  # noqa: E402
 from sealbox.engine.spec import ExecRequest, ExecResult, SandboxSpec  # noqa: E402
+from sealbox.errors import SandboxError  # noqa: E402
 from sealbox.runtimes import registry  # noqa: E402
 from sealbox.runtimes.microvm_snapshot import SNAPSHOT_ENV  # noqa: E402
 
@@ -710,8 +711,16 @@ class Bench:
             fill_s = time.perf_counter() - t0
             await asyncio.sleep(3)  # idle
             alive = 0
-            for sid in ids:  # every one still answers
-                alive += (await self._run(sid, ["true"], check=False)).exit_code == 0
+            ended: dict[str, int] = {}
+            for sid in ids:  # every one still answers (or says why it ended)
+                try:
+                    alive += (await self._run(sid, ["true"], check=False)).exit_code == 0
+                except SandboxError:
+                    reason = self.engine.get(sid).end_reason or "ended"
+                    ended[reason] = ended.get(reason, 0) + 1
+            if ended:
+                why += "; ended while idle: " + ", ".join(f"{n} × {r}"
+                                                          for r, n in ended.items())
             after = mem_available()
             cg = [c for c in (cgroup_memory(sid) for sid in ids) if c is not None]
         finally:

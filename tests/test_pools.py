@@ -28,6 +28,7 @@ from sealbox.engine.pools import POOL_LABEL, PoolConfig, PoolStatus
 from sealbox.engine.spec import ExecRequest, SandboxSpec
 from sealbox.engine.templates import TemplateFile, TemplateSpec
 from sealbox.runtimes import registry
+from sealbox.engine import host_limits
 from sealbox.errors import CapacityError, ConfigError, SandboxError
 from support import upstream as fake_upstream
 from support.server import ADMIN_KEY, start_server
@@ -289,6 +290,33 @@ async def test_max_sandboxes_is_respected(data_dir: Path) -> None:
         await engine.kill(first.id)
         await wait_ready(engine, "base/namespace", 1)
         assert len(engine.list()) == 2
+    finally:
+        await engine.close()
+
+
+async def test_host_task_limit_is_respected(data_dir: Path) -> None:
+    """A sandbox that would eat into the host's reserve of processes and threads is refused
+    (before anything of it exists), and a pool does not fill past it either."""
+    limit = host_limits.task_limit()
+    assert 0 < host_limits.tasks_in_use() < limit
+    engine = Engine(EngineConfig(data_dir=data_dir, host_task_reserve=limit))
+    await engine.start()
+    try:
+        with pytest.raises(CapacityError, match="kernel.pid_max"):
+            await engine.create(SandboxSpec(runtime="namespace"))
+        await engine.pools.set(PoolConfig(runtime="namespace", size=1))
+        await asyncio.sleep(1.0)
+        assert engine.list() == []
+        (status,) = engine.pools.list()
+        assert status.ready == 0 and "kernel.pid_max" in (status.error or ""), status
+    finally:
+        await engine.close()
+    # With room left (here: none reserved) the same create works.
+    engine = Engine(EngineConfig(data_dir=data_dir, host_task_reserve=0))
+    await engine.start()
+    try:
+        sb = await engine.create(SandboxSpec(runtime="namespace"))
+        await engine.kill(sb.id)
     finally:
         await engine.close()
 

@@ -31,6 +31,10 @@ class EngineConfig:
     run_root: Path = RUN_ROOT
     max_sandboxes: int | None = None
     """Most sandboxes (pool members included) alive at once; None = no cap."""
+    host_task_reserve: int | None = None
+    """Processes and threads of the host's limit (kernel.pid_max, threads-max) kept free: a
+    sandbox that would take them is refused, so running ones never fail to make a thread.
+    None = a tenth of the limit."""
     start_pools: bool = False
     """Start the warm pools kept in the store when the engine starts (the server does; a
     one-shot CLI run must not boot a pool it would kill a moment later)."""

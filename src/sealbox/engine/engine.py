@@ -35,7 +35,7 @@ from sealbox.engine.spec import (
     SandboxState,
     SecretInfo,
 )
-from sealbox.engine import snapshots, template_build, workspace_tar
+from sealbox.engine import host_limits, snapshots, template_build, workspace_tar
 from sealbox.engine.store import Store, now
 from sealbox.engine.templates import Resolved, TemplateInfo, TemplateSpec, TemplateStore
 from sealbox.engine.units import format_size
@@ -307,6 +307,9 @@ class Engine:
             raise CapacityError(
                 f"this installation runs at most {self.config.max_sandboxes} sandboxes at once; "
                 "kill one or ask the operator to raise --max-sandboxes")
+        crowded = host_limits.refusal(runtime.host_tasks, self.config.host_task_reserve)
+        if crowded is not None:
+            raise CapacityError(crowded)
         sandbox_id = sandbox_id or new_id()
         created = now()
         info = SandboxInfo(

@@ -284,11 +284,10 @@ class Pools:
             results = await asyncio.gather(*(self._boot_one(pool) for _ in range(n)),
                                            return_exceptions=True)
             failed = [r for r in results if isinstance(r, BaseException)]
+            # Full (a capacity limit) is said, but waited out without a retry delay.
+            pool.error = str(failed[0]) if failed else None
             if failed and not isinstance(failed[0], CapacityError):
-                pool.error = str(failed[0])
                 await asyncio.sleep(RETRY_SECONDS)
-            elif not failed:
-                pool.error = None
             if not failed:
                 return  # straight to the next round
         pool.wake.clear()

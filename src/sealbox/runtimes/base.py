@@ -137,6 +137,8 @@ class Runtime(Protocol):
     """Higher is stronger isolation; ``auto`` picks the strongest that probes ok."""
     volume_disks: bool
     """Takes volumes as image files (`LaunchSpec.disks`) rather than host mounts."""
+    host_tasks: int
+    """About how many processes and threads one sandbox takes on the host."""
 
     def probe(self) -> Probe: ...
 

@@ -386,6 +386,7 @@ class MicrovmRuntime:
     name = "microvm"
     strength = 30
     volume_disks = True
+    host_tasks = 16  # QEMU's main, vCPU, RCU and I/O threads
 
     def probe(self) -> Probe:
         probe = _probe()[0]

@@ -135,6 +135,7 @@ class NamespaceRuntime:
     name = "namespace"
     strength = 10
     volume_disks = False
+    host_tasks = 8  # bwrap twice, the agent and what it starts
 
     def probe(self) -> Probe:
         return _probe()
