@@ -11,7 +11,9 @@ only the capabilities dpkg needs (`CAPABILITIES`), and the sandboxes' seccomp fi
 no unshare). Its network is the build's netns, behind the egress gateway.
 
 `seal_rootfs` then makes the tree a template base: ids shifted back (the range's first id
-becomes root), set-id bits and file capabilities dropped, no device files, fifos or sockets.
+becomes root), set-id bits and file capabilities dropped, no device files, fifos or sockets,
+and no top-level link leading out of the tree. The host walks it with lstat and lchown only:
+the tree was written by maintainer scripts, and its symlinks are never followed.
 """
 
 from __future__ import annotations
