@@ -19,7 +19,7 @@ from sealbox._sys import volumes as sysvol
 from sealbox.engine.engine import Engine
 from sealbox.engine.spec import ExecRequest, SandboxSpec, SandboxState, VolumeMount
 from sealbox.engine.volumes import VolumeCreate, mount_root
-from sealbox.errors import ConfigError, ConflictError, NotFoundError
+from sealbox.errors import ConfigError, ConflictError, NotFoundError, QuotaExceeded, from_code
 from support.server import ADMIN_KEY, Server, start_server
 
 from conftest import RUN_ROOT
@@ -322,6 +322,30 @@ def test_api_volumes_belong_to_their_tenant(server: Server, tmp_path: Path) -> N
     finally:
         alice.close()
         bob.close()
+
+
+def test_volume_quota_per_tenant(tmp_path: Path) -> None:
+    """A server's --volume-quota caps each tenant's volumes (their sizes summed), on its own:
+    another tenant is not affected, and removing a volume frees its share."""
+    server = start_server(tmp_path / "data", volume_quota=100 * MiB)
+    alice, bob = _api(server, "alice"), _api(server, "bob")
+    try:
+        assert alice.post("/v1/volumes", json={"name": "a", "size": "64MiB"}).status_code == 201
+        r = alice.post("/v1/volumes", json={"name": "b", "size": "64MiB"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "quota_exceeded", r.text
+        assert "over its quota of 100 MiB" in r.json()["error"]["message"], r.text
+        assert [v["name"] for v in alice.get("/v1/volumes").json()] == ["a"]  # nothing made
+        assert bob.post("/v1/volumes", json={"name": "b", "size": "64MiB"}).status_code == 201
+        assert alice.post("/v1/volumes", json={"name": "c", "size": "32MiB"}).status_code == 201
+        assert alice.delete("/v1/volumes/a").status_code == 200
+        assert alice.post("/v1/volumes", json={"name": "b", "size": "64MiB"}).status_code == 201
+    finally:
+        alice.close()
+        bob.close()
+        assert server.stop(), server.log.read_text()
+    # The SDK and CLI get the same error class.
+    err = from_code("quota_exceeded", "over")
+    assert isinstance(err, QuotaExceeded) and err.http_status == 403
 
 
 def test_server_sigkill_leaves_no_mount_after_restart(tmp_path: Path) -> None:

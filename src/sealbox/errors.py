@@ -13,6 +13,7 @@
     ├── ConflictError          the resource is in use (a mounted volume, a volume's writer)
     ├── EgressError            a gateway problem (network plumbing, CA, policy)
     ├── CapacityError          the installation's sandbox cap is reached (max_sandboxes)
+    ├── QuotaExceeded          a tenant's own limit is reached (volume_quota)
     └── ServerError            the remote server failed or answered something unexpected
 
 Each has a stable ``code`` used as the REST error code; `from_code` maps it back.
@@ -101,6 +102,11 @@ class CapacityError(SealboxError):
     http_status = 503
 
 
+class QuotaExceeded(SealboxError):
+    code = "quota_exceeded"
+    http_status = 403
+
+
 class ServerError(SealboxError):
     code = "server_error"
     http_status = 502
@@ -112,6 +118,7 @@ _BY_CODE: dict[str, type[SealboxError]] = {
         SealboxError, ConfigError, NotFoundError, AuthError, ForbiddenError, RuntimeUnavailable,
         SandboxError,
         LimitExceeded, SandboxGone, CommandError, EgressError, ServerError, ConflictError, CapacityError,
+        QuotaExceeded,
     )
 }
 
@@ -130,6 +137,7 @@ __all__ = [
     "EgressError",
     "LimitExceeded",
     "NotFoundError",
+    "QuotaExceeded",
     "RuntimeUnavailable",
     "SandboxError",
     "SandboxGone",

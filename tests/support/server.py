@@ -49,7 +49,7 @@ def free_port() -> int:
 
 
 def start_server(data_dir: Path, admin_key: str | None = ADMIN_KEY,
-                 ssh_port: int | None = None) -> Server:
+                 ssh_port: int | None = None, volume_quota: int | None = None) -> Server:
     """A server on a free loopback port, answering; with the SSH gateway on SSH_PORT if given."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "SEALBOX_ADMIN_KEY"}
@@ -57,11 +57,13 @@ def start_server(data_dir: Path, admin_key: str | None = ADMIN_KEY,
         env["SEALBOX_ADMIN_KEY"] = admin_key
     code = ("import sys; from pathlib import Path; from sealbox.api.server import run_server; "
             "run_server(port=int(sys.argv[1]), data_dir=Path(sys.argv[2]), log_level='warning',"
-            " ssh_port=int(sys.argv[3]) if sys.argv[3] else None)")
+            " ssh_port=int(sys.argv[3]) if sys.argv[3] else None,"
+            " volume_quota=int(sys.argv[4]) if sys.argv[4] else None)")
     log = data_dir.parent / f"server-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", code, str(port), str(data_dir),
-                                 str(ssh_port or "")], env=env, stdout=out,
+                                 str(ssh_port or ""), str(volume_quota or "")], env=env,
+                                stdout=out,
                                 stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", proc, log, port, ssh_port)
     deadline = time.monotonic() + START_TIMEOUT

@@ -17,7 +17,8 @@ router = APIRouter(prefix="/v1/volumes", tags=["volumes"], responses={
 })
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=VolumeInfo)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=VolumeInfo, responses={
+    403: {"model": ErrorBody, "description": "over this tenant's volume quota (--volume-quota)"}})
 async def create_volume(body: VolumeCreate, engine: EngineDep, caller: CallerDep) -> VolumeInfo:
     """Create an empty volume of `size` bytes (a hard limit: writes past it fail with ENOSPC).
     Mount it with `volumes: [{"name", "path", "read_only"}]` when creating a sandbox."""

@@ -41,6 +41,8 @@ class ServerConfig:
     """Preview URLs are `http://PORT-ID.DOMAIN:PORT/`."""
     max_sandboxes: int | None = None
     """Most sandboxes alive at once, warm-pool members included; None = no cap."""
+    volume_quota: int | None = None
+    """Most bytes of volumes one tenant may have; None = no cap."""
 
 
 class _Server(uvicorn.Server):
@@ -71,7 +73,8 @@ async def serve(config: ServerConfig) -> None:
         resolve=[ResolvePin.parse(pin) for pin in config.resolve],
         upstream_ca=list(config.upstream_ca),
         allow_host_workspace=False,  # API callers must not mount the server's own files
-        max_sandboxes=config.max_sandboxes, start_pools=True,
+        max_sandboxes=config.max_sandboxes, volume_quota=config.volume_quota,
+        start_pools=True,
     ))
     admin_hash, admin_file = load_admin_key(config.data_dir)
     if admin_file is not None:
@@ -97,9 +100,10 @@ def run_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT, data_dir: Path
                max_timeout: float | None = None, resolve: Sequence[str] = (),
                upstream_ca: Sequence[Path] = (), log_level: str = "info",
                ssh_port: int | None = None, preview_domain: str = "localhost",
-               max_sandboxes: int | None = None) -> None:
+               max_sandboxes: int | None = None, volume_quota: int | None = None) -> None:
     asyncio.run(serve(ServerConfig(
         host=host, port=port, data_dir=data_dir or default_data_dir(), max_timeout=max_timeout,
         resolve=list(resolve), upstream_ca=list(upstream_ca), log_level=log_level,
         ssh_port=ssh_port, preview_domain=preview_domain, max_sandboxes=max_sandboxes,
+        volume_quota=volume_quota,
     )))

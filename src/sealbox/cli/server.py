@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sealbox.cli.common import ResolveOpt, UpstreamCaOpt, fail, parse_cas, parse_pins
-from sealbox.engine.units import parse_duration
+from sealbox.engine.units import parse_duration, parse_size
 from sealbox.errors import ConfigError
 
 
@@ -25,6 +25,8 @@ def server(
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
     max_sandboxes: Annotated[int | None, typer.Option(
         min=1, help="most sandboxes alive at once, warm-pool members included")] = None,
+    volume_quota: Annotated[str | None, typer.Option(
+        help="most volume bytes one tenant may have (e.g. 20GiB); default: no cap")] = None,
 ) -> None:
     """Serve the REST API (and optionally the SSH gateway) until interrupted."""
     from sealbox.api.server import run_server
@@ -33,9 +35,10 @@ def server(
         parse_pins(resolve or [])
         parse_cas(upstream_ca or [])
         cap = parse_duration(max_timeout) if max_timeout else None
+        quota = parse_size(volume_quota) if volume_quota else None
     except ConfigError as exc:
         fail(f"error: {exc.message}", 2)
     run_server(host=host, port=port, data_dir=data_dir, max_timeout=cap,
                resolve=list(resolve or []), upstream_ca=list(upstream_ca or []),
                ssh_port=ssh_port, preview_domain=preview_domain, log_level=log_level,
-               max_sandboxes=max_sandboxes)
+               max_sandboxes=max_sandboxes, volume_quota=quota)

@@ -31,6 +31,8 @@ class EngineConfig:
     run_root: Path = RUN_ROOT
     max_sandboxes: int | None = None
     """Most sandboxes (pool members included) alive at once; None = no cap."""
+    volume_quota: int | None = None
+    """Most bytes of volumes (their size limits, summed) one tenant may have; None = no cap."""
     host_task_reserve: int | None = None
     """Processes and threads of the host's limit (kernel.pid_max, threads-max) kept free: a
     sandbox that would take them is refused, so running ones never fail to make a thread.

@@ -150,7 +150,8 @@ class Engine:
         self._started = False
         self._booting = 0
         self.pools = Pools(self)
-        self.volumes = Volumes(self.config.data_dir, self.config.run_root, self.store)
+        self.volumes = Volumes(self.config.data_dir, self.config.run_root, self.store,
+                               quota=self.config.volume_quota)
         self.templates = TemplateStore(self.config.data_dir)
         self.paused = PausedState(self.config.data_dir)
         self._resuming: set[str] = set()

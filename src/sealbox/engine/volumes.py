@@ -26,7 +26,7 @@ from sealbox._sys import volumes as sysvol
 from sealbox.engine.spec import VOLUME_NAME, VolumeMount, check_volume_name
 from sealbox.engine.store import Store, now
 from sealbox.engine.units import checked, format_size, parse_size
-from sealbox.errors import ConfigError, ConflictError, NotFoundError
+from sealbox.errors import ConfigError, ConflictError, NotFoundError, QuotaExceeded
 from sealbox.runtimes.base import HostMount, VolumeDisk
 from sealbox.runtimes.namespace import SANDBOX_UID, host_uid_for
 
@@ -79,8 +79,11 @@ def _tenant(owner: str | None) -> str:
 
 
 class Volumes:
-    def __init__(self, data_dir: Path, run_root: Path, store: Store) -> None:
+    def __init__(self, data_dir: Path, run_root: Path, store: Store,
+                 quota: int | None = None) -> None:
         self.root = data_dir / "volumes"
+        self.quota = quota
+        """Most bytes of volume size limits one tenant may have (None: no cap)."""
         # Per installation: engines with other data dirs share /run/sealbox, and reconcile
         # must only ever unmount its own volumes.
         self.mount_root = mount_root(data_dir, run_root)
@@ -148,6 +151,14 @@ class Volumes:
             vdir = self._dir(tenant, req.name)
             if vdir.exists():
                 raise ConflictError(f"volume {req.name!r} already exists")
+            if self.quota is not None:
+                used = sum(v.size for v in self.list(owner))
+                if used + req.size > self.quota:
+                    raise QuotaExceeded(
+                        f"volume {req.name!r}: {format_size(req.size)} more would take this "
+                        f"tenant's volumes to {format_size(used + req.size)}, over its quota "
+                        f"of {format_size(self.quota)}: remove a volume, or ask the operator "
+                        "to raise --volume-quota")
             free = shutil.disk_usage(self.root).free
             if req.size > free:
                 # Images are sparse, so this is no reservation; it refuses the impossible.
