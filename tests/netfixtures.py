@@ -132,9 +132,13 @@ def netns_run(name: str, *cmd: str, bwrap: bool = False, timeout: float = 30,
     capabilities over the network namespace), the way a sandbox process runs."""
     wrapper: list[str] = []
     if bwrap:
+        # A checkout under /tmp keeps its virtualenv's interpreter in sight.
+        prefix = Path(sys.prefix)
+        keep = (["--ro-bind", str(prefix), str(prefix)]
+                if prefix.is_relative_to("/tmp") else [])
         wrapper = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                   "--tmpfs", "/tmp", "--unshare-user", "--unshare-pid", "--uid", "65534",
-                   "--gid", "65534", "--die-with-parent", "--"]
+                   "--tmpfs", "/tmp", *keep, "--unshare-user", "--unshare-pid",
+                   "--uid", "65534", "--gid", "65534", "--die-with-parent", "--"]
     return subprocess.run(["ip", "netns", "exec", name, *wrapper, *cmd], capture_output=True,
                           text=True, timeout=timeout, input=input, check=False)
 
