@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import RUN_ROOT
+from support.builds import kill_build_owner
 from test_templates import DEB_HOST, OTHER_HOST, PackageServer, make_deb, sh
 
 from sealbox._sys import netns
@@ -355,50 +356,16 @@ def test_build_owner_killed_during_debootstrap_leaves_nothing(tmp_path: Path,
                                                              archive: PackageServer) -> None:
     """SIGKILL the process whose build is in debootstrap; the next engine's reconcile removes
     the sandbox, its bind mount, scratch disk, netns, cgroup and build dir."""
-    import signal
-    import sys
-    import time
 
-    data = tmp_path / "data"
-    pin = f"{DEBIAN_HOST}:80:127.0.0.1:{archive.port}"
-    code = ("import asyncio, sys; from pathlib import Path; "
-            "from sealbox.egress.gateway import ResolvePin; "
-            "from sealbox.engine.config import EngineConfig; from sealbox.engine.engine import "
-            "Engine; from sealbox.engine.templates import TemplateSpec\n"
-            "async def main():\n"
-            "    e = Engine(EngineConfig(data_dir=Path(sys.argv[1]), "
-            "resolve=[ResolvePin.parse(sys.argv[2])]))\n"
-            "    await e.build_template(TemplateSpec(name='deb', base='debian', "
-            f"mirror='http://{DEBIAN_HOST}/debian', mirror_trusted=True))\n"
-            "asyncio.run(main())\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(data), pin])
-    log_dir = data / "templates" / "logs"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        logs = list(log_dir.glob("*.log")) if log_dir.is_dir() else []
-        if logs and "I: Unpacking" in logs[0].read_text():
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the build process ended early"
-    build_ids = [p.name.removeprefix(".build-") for p in (data / "templates").glob(".build-*")]
-    assert len(build_ids) == 1
-    sid = build_ids[0]
-    assert _mounts_naming(f"{sid}/bootstrap-target"), "not in debootstrap"
-    assert Cgroup(sid).pids()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    def in_debootstrap(sid: str) -> None:
+        assert _mounts_naming(f"{sid}/bootstrap-target"), "not in debootstrap"
+        assert Cgroup(sid).pids()
 
-    async def restart() -> None:
-        eng = Engine(EngineConfig(data_dir=data))
-        await eng.start()
-        try:
-            assert eng.get(sid).state.value == "killed"
-            assert not eng.templates.exists("deb")
-        finally:
-            await eng.close()
-
-    asyncio.run(restart())
-    assert not list((data / "templates").glob(".build-*"))
+    sid = kill_build_owner(
+        tmp_path / "data", TemplateSpec(name="deb", base="debian",
+                                        mirror=f"http://{DEBIAN_HOST}/debian",
+                                        mirror_trusted=True),
+        "I: Unpacking", in_debootstrap, pins=[f"{DEBIAN_HOST}:80:127.0.0.1:{archive.port}"])
     assert not _mounts_naming(sid)
     assert not Cgroup(sid).exists()
     assert not (RUN_ROOT / sid).exists()

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import RUN_ROOT, gone
+from support.builds import kill_build_owner
 from support.counter import counter, until_counted
 from test_pools import wait_ready, was_pooled
 
@@ -886,51 +887,15 @@ async def test_fork_keeps_secrets_with_new_placeholders(tengine: Engine) -> None
 
 def test_build_owner_killed_midway_leaves_nothing(tmp_path: Path) -> None:
     """SIGKILL the process running a build; the next engine's reconcile removes all of it."""
-    import signal
-    import sys
-    import time
 
-    data = tmp_path / "data"
-    code = ("import asyncio, sys; from pathlib import Path; "
-            "from sealbox.engine.config import EngineConfig; from sealbox.engine.engine import "
-            "Engine; from sealbox.engine.templates import TemplateSpec\n"
-            "async def main():\n"
-            "    e = Engine(EngineConfig(data_dir=Path(sys.argv[1])))\n"
-            "    await e.build_template(TemplateSpec(name='slow', run=['touch /opt/x', "
-            "'sleep 600']))\n"
-            "asyncio.run(main())\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(data)])
-    log_dir = data / "templates" / "logs"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        logs = list(log_dir.glob("*.log")) if log_dir.is_dir() else []
-        if logs and "==> run sleep 600" in logs[0].read_text():
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the build process ended early"
-    build_ids = [p.name.removeprefix(".build-") for p in (data / "templates").glob(".build-*")]
-    assert len(build_ids) == 1
-    assert _overlay_mounts()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    def in_build(sid: str) -> None:
+        assert _overlay_mounts()
 
-    async def restart() -> None:
-        eng = Engine(EngineConfig(data_dir=data))
-        await eng.start()
-        try:
-            info = eng.get(build_ids[0])
-            assert info.state.value == "killed"
-            assert not eng.templates.exists("slow")
-        finally:
-            await eng.close()
-
-    import asyncio
-
-    asyncio.run(restart())
-    assert not list((data / "templates").glob(".build-*"))
-    assert not [m for m in _overlay_mounts() if build_ids[0] in m]
-    assert not (Path("/run/sealbox") / build_ids[0]).exists()
-    assert not Path(f"/run/netns/sealbox-{build_ids[0]}").exists()
+    sid = kill_build_owner(tmp_path / "data", TemplateSpec(
+        name="slow", run=["touch /opt/x", "sleep 600"]), "==> run sleep 600", in_build)
+    assert not [m for m in _overlay_mounts() if sid in m]
+    assert not (Path("/run/sealbox") / sid).exists()
+    assert not Path(f"/run/netns/sealbox-{sid}").exists()
 
 
 async def test_build_disk_limit(tengine: Engine) -> None:

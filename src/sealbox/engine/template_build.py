@@ -74,6 +74,11 @@ def _steps(spec: TemplateSpec) -> list[tuple[str, list[str] | int]]:
     return steps
 
 
+def _step_count(spec: TemplateSpec, steps: list[tuple[str, list[str] | int]]) -> int:
+    """Steps as the progress bar counts them: debootstrap, the spec's, saving /workspace."""
+    return (spec.base == "debian") + len(steps) + 1
+
+
 class _Log:
     def __init__(self, path: Path, progress: Progress) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +140,7 @@ async def build(engine: Engine, spec: TemplateSpec, owner: str | None,
         return info
     steps = _steps(spec)
     report({"type": "start", "hash": digest,
-            "total": len(steps) + 1 + (spec.base == "debian")})
+            "total": _step_count(spec, steps)})
     from sealbox.engine.engine import new_id
 
     sandbox_id = new_id()
@@ -273,13 +278,11 @@ async def _sandboxed(engine: Engine, sandbox_id: str, spec: TemplateSpec, owner:
             hostname="sealbox-build", ro_files=ro_files,
         )
         root = Path("/")
-        first = 1
-        total = len(steps) + 1
+        total = _step_count(spec, steps)
+        first = 2 if spec.base == "debian" else 1  # debootstrap is step 1
         if spec.base == "debian":
-            total += 1
             root = await _bootstrap(spec, sandbox_id, ns, scratch, run_dir,
                                     attachment.ro_files, log, report, total)
-            first = 2
         sandbox = await start_build(launch, scratch, root)
         guest = await sandbox.connect()
         info.state = SandboxState.running

@@ -32,6 +32,7 @@ from sealbox._sys import overlay
 from sealbox._sys.cgroups import Cgroup
 from sealbox._sys.spawn import enter_userns_root
 from sealbox.runtimes.base import kill_child
+from sealbox.runtimes.build import drop_privileges
 from sealbox.runtimes.layers import SYSTEM_DIRS
 from sealbox.runtimes.namespace import masking_args
 from sealbox.runtimes.seccomp import bpf_program
@@ -193,15 +194,8 @@ def _seal(path: str, first_id: int) -> None:
         os.unlink(path)
         return
     os.lchown(path, _shifted(st.st_uid, first_id), _shifted(st.st_gid, first_id))
-    if stat.S_ISLNK(mode):
-        return
-    if mode & (stat.S_ISUID | stat.S_ISGID):
-        os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
-    if stat.S_ISREG(mode):
-        try:
-            os.removexattr(path, "security.capability", follow_symlinks=False)
-        except OSError:
-            pass
+    if not stat.S_ISLNK(mode):
+        drop_privileges(path, mode)
 
 
 def _shifted(host_id: int, first_id: int) -> int:

@@ -102,13 +102,8 @@ def finalize(upper: Path, root: Path = Path("/")) -> None:
                 os.unlink(path)  # a state file or lock copied up for the build, never changed
                 continue
             if stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode) or _is_whiteout(st):
-                if stat.S_ISREG(mode) and mode & (stat.S_ISUID | stat.S_ISGID):
-                    os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
                 if stat.S_ISREG(mode):
-                    try:
-                        os.removexattr(path, "security.capability", follow_symlinks=False)
-                    except OSError:
-                        pass
+                    drop_privileges(path, mode)
                 os.lchown(path, 0, 0)
             else:
                 os.unlink(path)  # devices, fifos, sockets: never in a layer
@@ -124,6 +119,17 @@ def finalize(upper: Path, root: Path = Path("/")) -> None:
     os.chmod(upper, 0o755)
     (upper / "var" / "tmp").mkdir(parents=True, exist_ok=True)
     os.chmod(upper / "var", 0o755)
+
+
+def drop_privileges(path: str, mode: int) -> None:
+    """No set-uid/set-gid bit and no file capabilities on the file PATH (lstat mode MODE)."""
+    if mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
+    if stat.S_ISREG(mode):
+        try:
+            os.removexattr(path, "security.capability", follow_symlinks=False)
+        except OSError:
+            pass
 
 
 def _unchanged_copy(upper: Path, path: str, root: Path) -> bool:
