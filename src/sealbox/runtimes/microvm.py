@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -45,7 +46,13 @@ from sealbox.guest.identity import PIDS_EVENTS
 from sealbox.runtimes import microvm_snapshot, probe_cache
 from sealbox.runtimes.base import ExitInfo, LaunchSpec, Limits, Probe, kill_child, launched
 from sealbox.runtimes.microvm_image import Assets, ext4_image, sandbox_archive
-from sealbox.runtimes.microvm_snapshot import NULL_NETDEV, SAVE_ARGS, Template
+from sealbox.runtimes.microvm_snapshot import (
+    NULL_NETDEV,
+    RAM_ID,
+    SAVE_ARGS,
+    Template,
+    ram_backend,
+)
 from sealbox.runtimes.namespace import (
     GUEST_FILES,
     HOST_UID_BASE,
@@ -55,6 +62,8 @@ from sealbox.runtimes.namespace import (
 )
 
 QEMU = "qemu-system-x86_64"
+# mapped-ram saves (9.0) and private mappings of a read-only file (rom=off, 8.2).
+MIN_QEMU = (9, 0)
 DEFAULT_MEMORY = 512 << 20
 # QEMU's own memory beside guest RAM: device state, I/O buffers and the TCG code cache.
 VMM_OVERHEAD = 256 << 20
@@ -148,10 +157,12 @@ def volume_serial(index: int) -> str:
 
 def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: int, vcpus: int,
               netdev: str | None = None, mac: str | None = None,
-              disks: Sequence[Disk] = ()) -> list[str]:
-    """NETDEV is the network card's ``-netdev`` backend (none: no card)."""
+              disks: Sequence[Disk] = (), ram: tuple[int, Path] | None = None) -> list[str]:
+    """NETDEV is the network card's ``-netdev`` backend (none: no card). RAM is a saved VM to
+    restore (see `ram_backend`)."""
     args = [
-        QEMU, "-M", "microvm,rtc=on,pit=on", *accel.args, "-m", f"{memory >> 20}M",
+        QEMU, "-M", f"microvm,rtc=on,pit=on,memory-backend={RAM_ID}", *accel.args,
+        "-m", f"{memory >> 20}M", *ram_backend(memory, ram),
         "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-sandbox", _SECCOMP,
         "-kernel", str(assets.kernel), "-initrd", str(initrd),
@@ -274,7 +285,8 @@ def template_for(assets: Assets, accel: Accel, memory: int, vcpus: int
         return found, ""
     initrd = sandbox_archive(microvm_snapshot.template_files()) + assets.initrd.read_bytes()
     try:
-        return microvm_snapshot.ensure(key, initrd, build_args, HOST_UID_BASE, accel.groups), ""
+        return microvm_snapshot.ensure(key, initrd, build_args, memory, HOST_UID_BASE,
+                                       accel.groups), ""
     except SandboxError as exc:
         # Remembered: a failing build costs a boot, and cold boots still work.
         log.warning("%s", exc)
@@ -359,9 +371,26 @@ def _probe() -> tuple[Probe, Accel | None]:
     return probe, _accel(data["accel"]) if data["accel"] else None
 
 
+def qemu_version() -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(found[1]), int(found[2])) if found else None
+
+
 def _probe_uncached() -> tuple[Probe, Accel | None]:
     if not shutil.which(QEMU):
         return Probe(False, f"{QEMU} is not installed (apt-get install qemu-system-x86)"), None
+    version = qemu_version()
+    if version is None or version < MIN_QEMU:
+        have = ".".join(map(str, version)) if version else "of unknown version"
+        return Probe(False, f"QEMU {have} is too old: saved VMs are mapped copy-on-write "
+                            f"(mapped-ram), which needs QEMU {MIN_QEMU[0]}.{MIN_QEMU[1]} or "
+                            "newer; on Debian 12 scripts/setup installs it from "
+                            "bookworm-backports"), None
     assets = Assets.load()
     if assets is None:
         return Probe(False, "microvm assets are missing: run scripts/microvm-assets"), None
@@ -438,7 +467,9 @@ class MicrovmSandbox:
         self._console_task: asyncio.Task[None] | None = None
         self._tap = False
         self._tap_fd: int | None = None
-        self._state_fd: int | None = None
+        self._state_fds: tuple[int, ...] = ()
+        """A saved state to restore, opened read-only twice: QEMU maps one (guest RAM) and
+        reads the rest of the stream through the other (its fd set closes what it is given)."""
         self._disks: list[Disk] = []
         self._identity: Identity | None = None
         """Set when restored from a template: sent to the guest on connect."""
@@ -495,12 +526,11 @@ class MicrovmSandbox:
         if template is not None:
             self.boot = f"restored from template {template.dir.name}"
             self._identity = identity(spec, net)
-            # Root opens the saved state; QEMU (unprivileged) only reads the descriptor.
-            self._state_fd = os.open(template.state, os.O_RDONLY | os.O_CLOEXEC)
+            ram, stream = self._open_state(template.state)
             self._initrd, self._card = template.initrd, True
             return qemu_args(self.assets, self.accel, template.initrd, self.socket_path,
-                             self.memory, vcpus, netdev or NULL_NETDEV, TEMPLATE_MAC
-                             ) + ["-incoming", f"fd:{self._state_fd}"]
+                             self.memory, vcpus, netdev or NULL_NETDEV, TEMPLATE_MAC,
+                             ram=(ram, template.dir)) + microvm_snapshot.incoming(stream)
         self.boot = f"cold boot ({why_cold})"
         initrd = self._private / "initrd.img"
         _write_initrd(initrd, self.assets, guest_files(spec, net))
@@ -551,7 +581,7 @@ class MicrovmSandbox:
             initrd = self._private / INITRD
             shutil.copyfile(checkpoint / INITRD, initrd)
             initrd.chmod(0o644)
-            self._state_fd = os.open(checkpoint / STATE, os.O_RDONLY | os.O_CLOEXEC)
+            ram, stream = self._open_state(checkpoint / STATE)
         except (OSError, ValueError, KeyError) as exc:
             raise SandboxError(f"the paused microVM's saved state is unreadable: {exc}") from exc
         self._initrd, self._card = initrd, card
@@ -559,7 +589,13 @@ class MicrovmSandbox:
                      "restored from its pause checkpoint")
         return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
                          (netdev or NULL_NETDEV) if card else None, TEMPLATE_MAC,
-                         self._disks) + ["-incoming", f"fd:{self._state_fd}"]
+                         self._disks, ram=(ram, checkpoint)
+                         ) + microvm_snapshot.incoming(stream)
+
+    def _open_state(self, state: Path) -> tuple[int, int]:
+        """Root opens the saved state; QEMU (unprivileged) only gets the descriptors."""
+        self._state_fds = tuple(os.open(state, os.O_RDONLY | os.O_CLOEXEC) for _ in range(2))
+        return self._state_fds[0], self._state_fds[1]
 
     async def launch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -570,7 +606,7 @@ class MicrovmSandbox:
             preexec_fn=tap.enter_vmm(self.spec.netns, self.cgroup, self._uid,
                                      list(self.accel.groups)),
             start_new_session=True,
-            pass_fds=[fd for fd in (self._tap_fd, self._state_fd,
+            pass_fds=[fd for fd in (self._tap_fd, *self._state_fds,
                                     *(fd for d in self._disks for fd in d.fds))
                       if fd is not None],
         )
@@ -732,10 +768,11 @@ class MicrovmSandbox:
         await loop.run_in_executor(None, self._teardown)
 
     def _close_fds(self) -> None:
-        for fd in (self._tap_fd, self._state_fd, *(fd for d in self._disks for fd in d.fds)):
+        for fd in (self._tap_fd, *self._state_fds, *(fd for d in self._disks for fd in d.fds)):
             if fd is not None:
                 os.close(fd)
-        self._tap_fd = self._state_fd = None
+        self._tap_fd = None
+        self._state_fds = ()
         # Which disks it has stays known: a checkpoint's key names them.
         self._disks = [Disk(d.serial, (), d.read_only) for d in self._disks]
 
@@ -766,7 +803,7 @@ class MicrovmSandbox:
         deadline = time.monotonic() + SAVE_TIMEOUT + self.memory / SAVE_RATE
         with microvm_snapshot.qmp_session(self.qmp_path, deadline) as qmp:
             try:
-                microvm_snapshot.save(qmp, dest / STATE, deadline)
+                microvm_snapshot.save(qmp, dest / STATE, deadline, self.memory)
             except BaseException:
                 with contextlib.suppress(OSError, SandboxError):
                     qmp.call("cont")

@@ -52,8 +52,18 @@ _SETUP_FROM, _SETUP_TO = ". /.init/sandbox/config.sh\n", "cd /workspace\n"
 
 
 # Saved stopped, for a consistent state; without the run state in the stream a restored VM
-# starts running at once instead of staying paused like its source.
-SAVE_ARGS = ("-global", "migration.store-global-state=off")
+# starts running at once instead of staying paused like its source. Guest RAM is saved
+# mapped-ram: each page at a fixed offset in the state file, so a restore can map the file
+# (see `ram_backend`) instead of reading it.
+SAVE_ARGS = ("-global", "migration.store-global-state=off", "-global", "migration.mapped-ram=on")
+# The guest RAM's memory backend: one name for every VM, since a restore matches RAM by name.
+RAM_ID = "sealbox-ram"
+RAM_INFO = "ram.json"
+# QEMU's mapped-ram header of one RAM block: version, page size, bitmap and pages offsets.
+_RAM_HEADER = struct.Struct(">IQQQ")
+_RAM_ALIGN = 1 << 20
+# The fd set a saved state travels in (volumes' disks take 1, 2, ...).
+STATE_FDSET = 1000
 
 
 def enabled() -> bool:
@@ -113,17 +123,18 @@ class Template:
     @classmethod
     def find(cls, key: str) -> Template | None:
         t = cls(TEMPLATES / key)
-        return t if t.initrd.is_file() and t.state.is_file() else None
+        return (t if t.initrd.is_file() and t.state.is_file() and (t.dir / RAM_INFO).is_file()
+                else None)
 
 
 BuildArgs = Callable[[Path, Path], list[str]]
 """(initrd, agent socket) -> QEMU's argv for the template, without -qmp."""
 
 
-def ensure(key: str, initrd: bytes, build_args: BuildArgs, uid: int,
+def ensure(key: str, initrd: bytes, build_args: BuildArgs, memory: int, uid: int,
            groups: tuple[int, ...] = ()) -> Template:
-    """The template for KEY, built (once, under a lock) if missing, by a QEMU running as UID
-    with extra GROUPS; older templates are removed."""
+    """The template for KEY (a VM of MEMORY bytes), built (once, under a lock) if missing, by a
+    QEMU running as UID with extra GROUPS; older templates are removed."""
     TEMPLATES.mkdir(parents=True, exist_ok=True)
     with open(TEMPLATES / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -138,7 +149,7 @@ def ensure(key: str, initrd: bytes, build_args: BuildArgs, uid: int,
         try:
             (tmp / "initrd.img").write_bytes(initrd)
             (tmp / "initrd.img").chmod(0o644)
-            _build(Template(tmp), build_args, uid, groups)
+            _build(Template(tmp), build_args, memory, uid, groups)
             tmp.rename(TEMPLATES / key)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -146,7 +157,8 @@ def ensure(key: str, initrd: bytes, build_args: BuildArgs, uid: int,
     return Template(TEMPLATES / key)
 
 
-def _build(t: Template, build_args: BuildArgs, uid: int, groups: tuple[int, ...]) -> None:
+def _build(t: Template, build_args: BuildArgs, memory: int, uid: int,
+           groups: tuple[int, ...]) -> None:
     """Boot the template until its guest says ready, then save it, stopped, to t.state."""
     sockets = t.dir / "run"
     sockets.mkdir(mode=0o700)
@@ -168,7 +180,7 @@ def _build(t: Template, build_args: BuildArgs, uid: int, groups: tuple[int, ...]
             if agent.makefile("rb").readline() != identity.READY:
                 raise SandboxError("template VM did not reach its identity step")
             with qmp_session(qmp_sock, deadline, alive) as qmp:
-                save(qmp, t.state, deadline)
+                save(qmp, t.state, deadline, memory)
     except (OSError, SandboxError) as exc:
         proc.kill()
         out = proc.communicate()[0].decode(errors="replace").strip()
@@ -179,25 +191,93 @@ def _build(t: Template, build_args: BuildArgs, uid: int, groups: tuple[int, ...]
         shutil.rmtree(sockets, ignore_errors=True)
 
 
-def save(qmp: Qmp, state: Path, deadline: float) -> None:
+def save(qmp: Qmp, state: Path, deadline: float, memory: int) -> None:
     """Stop the VM and save it (devices and memory) to STATE; it stays stopped. Root opens
-    the file and hands QEMU (unprivileged) only the descriptor."""
+    the file and hands QEMU (unprivileged) only the descriptor. Its guest RAM (MEMORY bytes)
+    is then made an image that restores map copy-on-write (`make_ram_image`)."""
     qmp.call("stop")
     qmp.call("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH})
     fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        qmp.call("getfd", {"fdname": "state"}, fd=fd)
+        # An fd set, not a named fd: mapped-ram writes at offsets, which QEMU does only
+        # through its file: transport.
+        qmp.call("add-fd", {"fdset-id": STATE_FDSET}, fd=fd)
     finally:
         os.close(fd)
-    qmp.call("migrate", {"uri": "fd:state"})
-    while (status := qmp.call("query-migrate").get("status")) not in (
-            "completed", "failed", "cancelled"):
-        if time.monotonic() > deadline:
-            qmp.call("migrate_cancel")
-            raise SandboxError("saving the VM timed out")
-        time.sleep(0.02)
+    try:
+        qmp.call("migrate", {"uri": f"file:/dev/fdset/{STATE_FDSET}"})
+        while (status := qmp.call("query-migrate").get("status")) not in (
+                "completed", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                qmp.call("migrate_cancel")
+                raise SandboxError("saving the VM timed out")
+            time.sleep(0.02)
+    finally:
+        qmp.call("remove-fd", {"fdset-id": STATE_FDSET})
     if status != "completed":
         raise SandboxError(f"saving the VM failed: {status}")
+    make_ram_image(state, memory)
+
+
+def incoming(state_fd: int) -> list[str]:
+    """QEMU's arguments to restore the saved state open (read-only) as STATE_FD."""
+    return ["-add-fd", f"fd={state_fd},set={STATE_FDSET}",
+            "-incoming", f"file:/dev/fdset/{STATE_FDSET}"]
+
+
+def make_ram_image(state: Path, memory: int) -> None:
+    """Make the guest RAM in a mapped-ram STATE file an image restores map instead of load.
+
+    The RAM block's pages sit at a fixed, aligned offset; a restore maps them privately
+    (copy-on-write: every VM restored from one file shares the pages none of them wrote) and
+    reads the rest of the stream. Its page bitmap is cleared so that the restore loads no page
+    over the mapping. The offset is found right after the save, in QEMU's own stream, and kept
+    beside it (RAM_INFO) so a restore never searches a file holding guest memory.
+    """
+    name = RAM_ID.encode()
+    lead = bytes([len(name)]) + name + struct.pack(">Q", memory)
+    pages = memory // 4096
+    bitmap_size = (pages + 63) // 64 * 8
+    with open(state, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        # The RAM section's block list is near the start: after other blocks' (ROM) pages at most.
+        head = f.read(64 << 20)
+        at = head.find(lead)
+        header = head[at + len(lead):at + len(lead) + _RAM_HEADER.size] if at >= 0 else b""
+        if len(header) != _RAM_HEADER.size:
+            raise SandboxError("saved VM has no mapped RAM block (QEMU without mapped-ram?)")
+        version, page_size, bitmap_at, pages_at = _RAM_HEADER.unpack(header)
+        header_at = at + len(lead)
+        if (version != 1 or page_size != 4096 or bitmap_at != header_at + _RAM_HEADER.size
+                or pages_at % _RAM_ALIGN or pages_at < bitmap_at + bitmap_size
+                or pages_at + memory > size):
+            raise SandboxError("saved VM's RAM block is not in the layout this sealbox maps")
+        f.seek(bitmap_at)
+        f.write(bytes(bitmap_size))
+    # QEMU reopens it read-only through a descriptor root hands it; the directories above stay
+    # closed to every other uid.
+    os.chmod(state, 0o644)
+    (state.parent / RAM_INFO).write_text(json.dumps({"offset": pages_at, "size": memory}))
+
+
+def ram_backend(memory: int, image: tuple[int, Path] | None = None) -> list[str]:
+    """QEMU's arguments for guest RAM: anonymous for a boot; for a restore, IMAGE = (an open
+    read-only descriptor of the saved state, its directory): the saved RAM mapped privately,
+    read-only on the host side, so no guest write ever reaches the file."""
+    if image is None:
+        backend = f"memory-backend-ram,id={RAM_ID},size={memory >> 20}M"
+    else:
+        fd, saved = image
+        try:
+            info = json.loads((saved / RAM_INFO).read_text())
+            offset = int(info["offset"])
+            if int(info["size"]) != memory:
+                raise ValueError(f"saved with {info['size']} bytes of RAM")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SandboxError(f"the saved VM's memory image is unusable: {exc}") from exc
+        backend = (f"memory-backend-file,id={RAM_ID},size={memory >> 20}M,"
+                   f"mem-path=/proc/self/fd/{fd},offset={offset},share=off,readonly=on,rom=off")
+    return ["-object", backend]
 
 
 @contextlib.contextmanager

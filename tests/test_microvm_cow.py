@@ -1,0 +1,146 @@
+"""microvm fork and memory snapshots are copy-on-write.
+
+A saved VM's RAM is a file that each VM restored from it maps privately: the child of a fork
+starts without loading its parent's memory, reads it from the saved file's pages, and copies
+only the pages it writes; sandboxes made from one memory snapshot share every page neither
+wrote. The file is opened read-only and mapped private, so no guest write reaches it.
+
+Read from the host side: the QEMU process's mapping of the saved file in /proc/PID/smaps
+(how much of it is resident, shared with another process, or privately copied).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import pytest
+from conftest import gone
+
+from sealbox._sys.cgroups import Cgroup
+from sealbox.engine.engine import Engine
+from sealbox.engine.spec import ExecRequest, SandboxSpec
+from sealbox.runtimes import registry
+
+MIB = 1 << 20
+BIG = 96
+"""MiB of random bytes the parent keeps in guest memory (/tmp is a tmpfs in guest RAM)."""
+STATE = "state.bin"
+MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ (?P<perms>\S+) \S+ \S+ \S+\s+(?P<path>.*)$")
+COUNTER = re.compile(r"^(\w+):\s+(\d+) kB$")
+
+
+@pytest.fixture(autouse=True)
+def _microvm() -> None:
+    probe = registry.get("microvm").probe()
+    if not probe.ok:
+        pytest.skip(f"microvm tier unavailable here: {probe.detail}")
+
+
+async def sh(engine: Engine, sandbox_id: str, cmd: str) -> str:
+    result = await engine.run(sandbox_id, ExecRequest(cmd=["sh", "-c", cmd], timeout=120))
+    assert result.exit_code == 0, (cmd, result.stdout, result.stderr)
+    return result.stdout
+
+
+def qemu_pid(sandbox_id: str) -> int:
+    pids = Cgroup(sandbox_id).pids()
+    assert len(pids) == 1, pids  # the VMM is all a microvm sandbox runs on the host
+    return pids[0]
+
+
+def ram_mapping(pid: int) -> dict[str, int | str]:
+    """The QEMU's mapping of a saved state file: its permissions and smaps counters (KiB)."""
+    found: dict[str, int | str] = {}
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if header := MAPPING.match(line):
+            if found:
+                break
+            if STATE in header["path"]:
+                found = {"perms": header["perms"], "path": header["path"]}
+        elif found and (counter := COUNTER.match(line)):
+            found[counter[1]] = int(counter[2])
+    assert found, f"QEMU {pid} maps no saved state"
+    return found
+
+
+def state_fds(pid: int) -> list[Path]:
+    """QEMU's descriptors of the saved state file, each checked to be read-only."""
+    fds = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        if STATE in os.readlink(fd):
+            flags = int(Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().split()[3], 8)
+            assert flags & os.O_ACCMODE == os.O_RDONLY, (fd, oct(flags))
+            fds.append(fd)
+    assert fds, f"QEMU {pid} holds no descriptor of its saved state"
+    return fds
+
+
+def digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+async def fill(engine: Engine, sandbox_id: str) -> str:
+    return await sh(engine, sandbox_id, f"head -c {BIG}M /dev/urandom > /tmp/big && "
+                                        "sha256sum < /tmp/big")
+
+
+async def test_fork_maps_the_parent_copy_on_write(engine: Engine) -> None:
+    parent = await engine.create(SandboxSpec(runtime="microvm", timeout=300))
+    child_id = None
+    try:
+        big = await fill(engine, parent.id)
+        child = await engine.fork(parent.id)
+        child_id = child.id
+        pid = qemu_pid(child.id)
+        before = ram_mapping(pid)
+        # Private, never shared: guest writes stay in the child.
+        assert str(before["perms"]).endswith("p"), before
+        saved = state_fds(pid)[0]
+        saved_digest = digest(saved)
+
+        # The child reads all of the parent's data, through the mapping and without copying.
+        assert await sh(engine, child.id, "sha256sum < /tmp/big") == big
+        read = ram_mapping(pid)
+        assert int(read["Rss"]) >= BIG * 1024, read
+        assert int(read["Private_Dirty"]) < BIG * 1024 // 2, read
+
+        # Writing copies: the child's pages grow, the saved file and the parent stay as they were.
+        await sh(engine, child.id, f"dd if=/dev/urandom of=/tmp/big bs=1M count={BIG} "
+                                   "conv=notrunc 2>/dev/null")
+        written = ram_mapping(pid)
+        assert int(written["Private_Dirty"]) - int(read["Private_Dirty"]) >= BIG * 1024 * 9 // 10
+        assert digest(saved) == saved_digest
+        assert await sh(engine, child.id, "sha256sum < /tmp/big") != big
+        assert await sh(engine, parent.id, "sha256sum < /tmp/big") == big
+    finally:
+        await engine.kill(parent.id)
+        if child_id:
+            await engine.kill(child_id)
+    assert gone(parent.id) == [] and (child_id is None or gone(child_id) == [])
+
+
+async def test_sandboxes_from_one_memory_snapshot_share_its_pages(engine: Engine) -> None:
+    source = await engine.create(SandboxSpec(runtime="microvm", timeout=300))
+    made: list[str] = []
+    try:
+        big = await fill(engine, source.id)
+        await engine.snapshot(source.id, "cow-env")
+        for _ in range(2):
+            made.append((await engine.create(SandboxSpec(runtime="microvm", timeout=300,
+                                                         template="cow-env"))).id)
+        for sandbox_id in made:
+            assert await sh(engine, sandbox_id, "sha256sum < /tmp/big") == big
+        maps = [ram_mapping(qemu_pid(sandbox_id)) for sandbox_id in made]
+        assert maps[0]["path"] == maps[1]["path"]  # one file, the snapshot's
+        for m in maps:
+            # Each page of the data is resident once, in both VMs.
+            assert int(m["Shared_Clean"]) >= BIG * 1024, m
+            assert int(m["Private_Dirty"]) < BIG * 1024 // 2, m
+    finally:
+        for sandbox_id in (source.id, *made):
+            await engine.kill(sandbox_id)
+    assert all(gone(sandbox_id) == [] for sandbox_id in (source.id, *made))
