@@ -11,8 +11,9 @@ sandboxes of that tier and VM size made from it start as copies of it (the engin
 A fork on a tier that can checkpoint (microvm) is the whole running sandbox: the parent is
 stopped for as long as saving its VM takes, then runs on, and the child is restored from that
 copy (processes, memory, /workspace and /tmp) with its own id, name, network, secrets'
-placeholders and fresh kernel randomness. Elsewhere a fork is a copy of /workspace streamed
-into a new sandbox. Neither is copy-on-write.
+placeholders and fresh kernel randomness. The child maps the saved memory copy-on-write
+(`runtimes/microvm_snapshot.py`): it starts without loading it and copies only the pages it
+writes. Elsewhere a fork is a copy of /workspace streamed into a new sandbox.
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ guest, sized by the disk limit and counted in its memory.
 QEMU itself runs as an unprivileged per-sandbox uid, under its seccomp sandbox, inside the
 sandbox's network namespace and cgroup (guest memory plus overhead). Limits inside the guest:
 memory is the VM size, CPUs the vCPU count and the cgroup quota, pids a pids cgroup in the
-guest around the agent and everything it starts. Pause saves the whole VM to disk (`checkpoint`, QMP migrate to a file) and a
-later launch restores it (`LaunchSpec.restore`). What it does not defend against: bugs in QEMU's device models reachable from
-the guest (virtio-mmio blk/net/serial, serial port, TCG itself) combined with a host-kernel
-bug reachable under QEMU's seccomp filter; a host ``workspace`` directory is not shared.
+guest around the agent and everything it starts. Pause saves the whole VM to disk
+(`checkpoint`, QMP migrate to a file) and a later launch restores it (`LaunchSpec.restore`),
+mapping the saved memory copy-on-write (see `microvm_snapshot`). What it does not defend
+against: bugs in QEMU's device models reachable from the guest (virtio-mmio blk/net/serial,
+serial port, TCG itself) combined with a host-kernel bug reachable under QEMU's seccomp
+filter; a host ``workspace`` directory is not shared.
 """
 
 from __future__ import annotations
