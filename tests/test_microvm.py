@@ -197,3 +197,16 @@ def _veth_pair(ns: str, peer: str) -> None:
                 f"-n {ns} route add default via 10.99.0.1",
                 f"-n {peer} addr add 10.99.0.1/30 dev gw0", f"-n {peer} link set gw0 up"):
         subprocess.run(["ip", *cmd.split()], check=True)
+
+
+def test_probe_refuses_a_qemu_without_mapped_ram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saved VMs are mapped copy-on-write, which needs QEMU 9.0: an older one is refused with
+    what to do, before anything boots."""
+    if shutil.which(microvm.QEMU) is None:
+        pytest.skip(f"{microvm.QEMU} is not installed")
+    real = microvm.qemu_version()
+    assert real is not None and real >= microvm.MIN_QEMU, real  # what setup installs
+    monkeypatch.setattr(microvm, "qemu_version", lambda: (7, 2))
+    probe, accel = microvm._probe_uncached()
+    assert not probe.ok and accel is None
+    assert "QEMU 7.2 is too old" in probe.detail and "bookworm-backports" in probe.detail

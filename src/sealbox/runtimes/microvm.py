@@ -387,8 +387,8 @@ def _probe_uncached() -> tuple[Probe, Accel | None]:
     if not shutil.which(QEMU):
         return Probe(False, f"{QEMU} is not installed (apt-get install qemu-system-x86)"), None
     version = qemu_version()
+    have = ".".join(map(str, version)) if version else "of unknown version"
     if version is None or version < MIN_QEMU:
-        have = ".".join(map(str, version)) if version else "of unknown version"
         return Probe(False, f"QEMU {have} is too old: saved VMs are mapped copy-on-write "
                             f"(mapped-ram), which needs QEMU {MIN_QEMU[0]}.{MIN_QEMU[1]} or "
                             "newer; on Debian 12 scripts/setup installs it from "
@@ -402,14 +402,15 @@ def _probe_uncached() -> tuple[Probe, Accel | None]:
         # Whether a guest boots at all is tested as root; sandboxes need the kvm group.
         why = _probe_boot(assets, kvm, KVM_PROBE_TIMEOUT, HOST_UID_BASE if kvm.groups else 0)
         if why is None and kvm.groups:
-            return Probe(True, f"qemu microvm, KVM, kernel {assets.kernel_version}"), kvm
+            return Probe(True, f"QEMU {have} microvm, KVM, kernel {assets.kernel_version}"
+                         ), kvm
         kvm_why = (f"KVM present but {why}" if why else
                    "KVM boots but /dev/kvm is root-only (give it a kvm group, mode 0660)")
     tcg = _accel("tcg")
     why = _probe_boot(assets, tcg, TCG_PROBE_TIMEOUT, HOST_UID_BASE)
     if why is not None:
         return Probe(False, f"qemu microvm does not boot here ({kvm_why}; TCG: {why})"), None
-    return Probe(True, f"qemu microvm, TCG: {kvm_why}; kernel {assets.kernel_version}",
+    return Probe(True, f"QEMU {have} microvm, TCG: {kvm_why}; kernel {assets.kernel_version}",
                  auto_skip="TCG emulation: seconds per start"), tcg
 
 
