@@ -507,6 +507,7 @@ async def test_fork_diverges_both_ways(tengine: Engine) -> None:
         child = await tengine.fork(parent.id)
         child_id = child.id
         assert child.id != parent.id and child.metadata["sealbox.forked_from"] == parent.id
+        assert child.metadata["sealbox.fork"] == "workspace"
         _, out = await sh(tengine, child.id, "cat /workspace/shared; echo $P")
         assert out.split() == ["before", "1"]
         await sh(tengine, child.id, "echo child > /workspace/only-child")
@@ -547,6 +548,7 @@ async def test_microvm_fork_is_the_running_sandbox(tengine: Engine) -> None:
         child = await tengine.fork(parent.id)
         child_id = child.id
         assert child.metadata["sealbox.forked_from"] == parent.id and child.runtime == "microvm"
+        assert child.metadata["sealbox.fork"] == "vm"
         # The same shell, counting on from where the parent was; the same memory-only /tmp.
         check = "cat /workspace/c; sha256sum < /tmp/blob; hostname; echo $SEALBOX_SANDBOX_ID $P"
         code, out = await sh(tengine, child.id, check)
@@ -713,6 +715,7 @@ def test_remote_sdk_and_cli(tmp_path: Path) -> None:
             snap = sb.snapshot("remote-snap")
             assert snap.parent == "remote"
             with sb.fork() as child:  # closing the fork leaves the parent's connection open
+                assert child.info.metadata["sealbox.fork"] == "workspace"
                 assert child.files.read("/workspace/mine") == b"mine"
                 assert child.exec("cat /opt/hello.txt").stdout == "inline file\n"
                 child.files.write("/workspace/child-only", b"c")
@@ -724,7 +727,7 @@ def test_remote_sdk_and_cli(tmp_path: Path) -> None:
             assert out.returncode == 0 and "cli-snap" in out.stdout, out.stderr
             out = subprocess.run([*cli, "fork", sb.id], env=env, capture_output=True,
                                  text=True, timeout=120)
-            assert out.returncode == 0, out.stderr
+            assert out.returncode == 0 and "a copy of /workspace" in out.stdout, out.stderr
             subprocess.run([*cli, "kill", out.stdout.split()[-1]], env=env, check=True,
                            capture_output=True, timeout=120)
             out = subprocess.run([*cli, "snapshot", sb.id, "Bad/Name"], env=env,

@@ -27,6 +27,7 @@ from sealbox.cli.common import (
     server_url,
 )
 from sealbox.engine.config import EngineConfig
+from sealbox.engine.snapshots import FORK_KIND
 from sealbox.engine.templates import TemplateFile, TemplateSpec
 from sealbox.errors import ConfigError
 from sealbox.sdk.async_sandbox import AsyncSandbox, AsyncTemplate, validation_message
@@ -225,7 +226,8 @@ def snapshot(sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
 
 
 def fork(sandbox_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
-    """A new sandbox with a copy of ID's /workspace; prints its id as the last word."""
+    """A new sandbox cloned from ID: on microvm the running VM (processes and memory,
+    copy-on-write), elsewhere a copy of its /workspace. Prints the child's id on its own line."""
 
     async def main() -> None:
         url, key = server_url()
@@ -234,6 +236,10 @@ def fork(sandbox_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
             child = await sb.fork()
         finally:
             await sb.disconnect()
-        console.print(f"forked {sandbox_id} into {child.id}")
+        carried = ("the running VM: processes, memory (copy-on-write) and files"
+                   if child.info.metadata.get(FORK_KIND) == "vm" else
+                   "a copy of /workspace; this tier cannot carry processes")
+        console.print(f"forked {sandbox_id} ({carried})")
+        console.print(child.id)
 
     run_async(main)

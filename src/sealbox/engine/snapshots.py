@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from sealbox.engine.engine import Engine
 
 MAX_SNAPSHOT = 8 * 1024**3
+FORK_KIND = "sealbox.fork"
+"""Child metadata: ``vm`` (the running VM: processes, memory and files, memory mapped
+copy-on-write) or ``workspace`` (a copy of /workspace; the tier cannot save processes)."""
 
 
 def _cap(engine: Engine, disk: int | None) -> int:
@@ -126,7 +129,9 @@ async def fork(engine: Engine, sandbox_id: str, owner: str | None) -> SandboxInf
     if spec.workspace is not None:
         raise ConfigError("this sandbox's /workspace is a host directory: a fork would share it")
     child_spec = spec.model_copy(deep=True)
-    child_spec.metadata = {**spec.metadata, "sealbox.forked_from": sandbox_id}
+    # What the child carries, for whoever reads it later (the CLI says it).
+    child_spec.metadata = {**spec.metadata, "sealbox.forked_from": sandbox_id,
+                           FORK_KIND: "vm" if live.runtime.can_checkpoint else "workspace"}
     if live.runtime.can_checkpoint:
         # Checked first: a fork that cannot take the volumes must not stop the parent.
         await asyncio.to_thread(engine.volumes.check, child_spec.volumes, live.info.owner,

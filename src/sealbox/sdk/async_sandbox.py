@@ -293,8 +293,10 @@ class AsyncSandbox:
         return await self._backend.snapshot(self.id, name)
 
     async def fork(self) -> AsyncSandbox:
-        """A new sandbox with a copy of this one's /workspace and the same template, policy,
-        limits and secrets. Kill it separately."""
+        """A new sandbox cloned from this one, with the same template, policy, limits and
+        secrets (fresh placeholders). On microvm it is the running VM (processes, memory mapped
+        copy-on-write, files); elsewhere a copy of /workspace. Its ``info.metadata["sealbox.fork"]``
+        says which (``vm`` or ``workspace``). Kill it separately."""
         return AsyncSandbox(await self._backend.fork(self.id), self._backend, owns_backend=False)
 
     async def __aenter__(self) -> AsyncSandbox:
