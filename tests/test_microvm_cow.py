@@ -12,6 +12,8 @@ Read from the host side: the QEMU process's mapping of the saved file in /proc/P
 from __future__ import annotations
 
 import hashlib
+import json
+import mmap
 import os
 import re
 from pathlib import Path
@@ -90,11 +92,11 @@ async def fill(engine: Engine, sandbox_id: str) -> str:
 
 async def test_fork_maps_the_parent_copy_on_write(engine: Engine) -> None:
     parent = await engine.create(SandboxSpec(runtime="microvm", timeout=300))
-    child_id = None
+    ids: list[str] = []
     try:
         big = await fill(engine, parent.id)
         child = await engine.fork(parent.id)
-        child_id = child.id
+        ids.append(child.id)
         pid = qemu_pid(child.id)
         before = ram_mapping(pid)
         # Private, never shared: guest writes stay in the child.
@@ -114,13 +116,19 @@ async def test_fork_maps_the_parent_copy_on_write(engine: Engine) -> None:
         written = ram_mapping(pid)
         assert int(written["Private_Dirty"]) - int(read["Private_Dirty"]) >= BIG * 1024 * 9 // 10
         assert digest(saved) == saved_digest
-        assert await sh(engine, child.id, "sha256sum < /tmp/big") != big
+        changed = await sh(engine, child.id, "sha256sum < /tmp/big")
+        assert changed != big
         assert await sh(engine, parent.id, "sha256sum < /tmp/big") == big
+
+        # A VM restored privately saves again: a fork of the fork gets the child's data.
+        grandchild = await engine.fork(child.id)
+        ids.append(grandchild.id)
+        assert await sh(engine, grandchild.id, "sha256sum < /tmp/big") == changed
+        assert ram_mapping(qemu_pid(grandchild.id))["path"] != before["path"]
     finally:
-        await engine.kill(parent.id)
-        if child_id:
-            await engine.kill(child_id)
-    assert gone(parent.id) == [] and (child_id is None or gone(child_id) == [])
+        for sandbox_id in (parent.id, *ids):
+            await engine.kill(sandbox_id)
+    assert all(gone(sandbox_id) == [] for sandbox_id in (parent.id, *ids))
 
 
 async def test_sandboxes_from_one_memory_snapshot_share_its_pages(engine: Engine) -> None:
@@ -149,3 +157,33 @@ async def test_sandboxes_from_one_memory_snapshot_share_its_pages(engine: Engine
         for sandbox_id in (source.id, *made):
             await engine.kill(sandbox_id)
     assert all(gone(sandbox_id) == [] for sandbox_id in (source.id, *made))
+
+
+async def test_a_guest_cannot_plant_the_ram_header(engine: Engine) -> None:
+    """The saved file holds guest memory, and host root reads it to find where guest RAM
+    starts. A guest that fills its memory with copies of that header, pointing elsewhere,
+    changes nothing: the real one comes first in QEMU's stream."""
+    source = await engine.create(SandboxSpec(runtime="microvm", timeout=300))
+    made = None
+    try:
+        # QEMU's block name and size, then a header claiming the pages start at 0.
+        fake = (bytes([len(b"sealbox-ram")]) + b"sealbox-ram" + (512 * MIB).to_bytes(8, "big")
+                + (1).to_bytes(4, "big") + (4096).to_bytes(8, "big") + (0).to_bytes(8, "big")
+                + (0).to_bytes(8, "big"))
+        # 16 MiB of it in guest memory, and a file to know the copy by.
+        await sh(engine, source.id, "python3 -c \"open('/tmp/planted', 'wb').write("
+                                    f"bytes.fromhex('{fake.hex()}') * {16 * MIB // len(fake)})\""
+                                    "; echo marker > /tmp/m")
+        snap = await engine.snapshot(source.id, "planted")
+        saved = engine.templates.dir(snap.hash) / "checkpoint"
+        with open(saved / STATE, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            planted = sum(1 for _ in re.finditer(re.escape(fake), m))
+        assert planted > 100_000  # the guest's copies are in the file, after the real one
+        assert json.loads((saved / "ram.json").read_text())["offset"] == MIB
+        made = (await engine.create(SandboxSpec(runtime="microvm", timeout=300,
+                                                template="planted"))).id
+        assert await sh(engine, made, "cat /tmp/m") == "marker\n"
+    finally:
+        await engine.kill(source.id)
+        if made:
+            await engine.kill(made)
