@@ -241,8 +241,9 @@ def make_ram_image(state: Path, memory: int) -> None:
     with open(state, "r+b") as f:
         size = os.fstat(f.fileno()).st_size
         # The RAM section opens the stream and lists blocks biggest first, so guest RAM's
-        # header comes before any guest-written byte: a guest cannot plant a false one.
-        head = f.read(64 << 20)
+        # header is within its first bytes, before any guest-written byte: a guest cannot
+        # plant a false one.
+        head = f.read(1 << 20)
         at = head.find(lead)
         header = head[at + len(lead):at + len(lead) + _RAM_HEADER.size] if at >= 0 else b""
         if len(header) != _RAM_HEADER.size:
