@@ -182,6 +182,11 @@ def smaps_total(pid: int, field: str) -> int:
     return 0
 
 
+def sum_smaps(pids: set[int], *fields: str) -> float:
+    """FIELDS of smaps_rollup, in bytes, summed over PIDS."""
+    return float(sum(smaps_total(p, f) for p in pids for f in fields))
+
+
 def descendants(root: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -813,10 +818,8 @@ class Bench:
                 forks.append(time.perf_counter() - t0)
                 if big:
                     await self._run(child.id, f"cat {big} > /dev/null")
-                    copied += [float(sum(smaps_total(p, "Private_Dirty")
-                                         for p in cgroup_pids(child.id)))]
-                    held += [float(sum(smaps_total(p, "Private_Dirty") + smaps_total(
-                        p, "Private_Clean") for p in cgroup_pids(sid)))]
+                    copied.append(sum_smaps(cgroup_pids(child.id), "Private_Dirty"))
+                    held.append(sum_smaps(cgroup_pids(sid), "Private_Dirty", "Private_Clean"))
                 await self.engine.kill(child.id)
                 t0 = time.perf_counter()
                 cold = await self._sandbox(tier)

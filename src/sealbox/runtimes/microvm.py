@@ -52,8 +52,9 @@ from sealbox.runtimes.microvm_snapshot import (
     NULL_NETDEV,
     RAM_ID,
     SAVE_ARGS,
+    Restore,
     Template,
-    ram_backend,
+    memory_args,
 )
 from sealbox.runtimes.namespace import (
     GUEST_FILES,
@@ -159,12 +160,12 @@ def volume_serial(index: int) -> str:
 
 def qemu_args(assets: Assets, accel: Accel, initrd: Path, sock: Path, memory: int, vcpus: int,
               netdev: str | None = None, mac: str | None = None,
-              disks: Sequence[Disk] = (), ram: tuple[int, Path] | None = None) -> list[str]:
-    """NETDEV is the network card's ``-netdev`` backend (none: no card). RAM is a saved VM to
-    restore (see `ram_backend`)."""
+              disks: Sequence[Disk] = (), restore: Restore | None = None) -> list[str]:
+    """NETDEV is the network card's ``-netdev`` backend (none: no card). RESTORE is a saved
+    VM to start from instead of booting (see `memory_args`)."""
     args = [
         QEMU, "-M", f"microvm,rtc=on,pit=on,memory-backend={RAM_ID}", *accel.args,
-        "-m", f"{memory >> 20}M", *ram_backend(memory, ram),
+        "-m", f"{memory >> 20}M", *memory_args(memory, restore),
         "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-sandbox", _SECCOMP,
         "-kernel", str(assets.kernel), "-initrd", str(initrd),
@@ -470,9 +471,7 @@ class MicrovmSandbox:
         self._console_task: asyncio.Task[None] | None = None
         self._tap = False
         self._tap_fd: int | None = None
-        self._state_fds: tuple[int, ...] = ()
-        """A saved state to restore, opened read-only twice: QEMU maps one (guest RAM) and
-        reads the rest of the stream through the other (its fd set closes what it is given)."""
+        self._restore: Restore | None = None
         self._disks: list[Disk] = []
         self._identity: Identity | None = None
         """Set when restored from a template: sent to the guest on connect."""
@@ -529,11 +528,10 @@ class MicrovmSandbox:
         if template is not None:
             self.boot = f"restored from template {template.dir.name}"
             self._identity = identity(spec, net)
-            ram, stream = self._open_state(template.state)
             self._initrd, self._card = template.initrd, True
             return qemu_args(self.assets, self.accel, template.initrd, self.socket_path,
                              self.memory, vcpus, netdev or NULL_NETDEV, TEMPLATE_MAC,
-                             ram=(ram, template.dir)) + microvm_snapshot.incoming(stream)
+                             restore=self._open_state(template.state))
         self.boot = f"cold boot ({why_cold})"
         initrd = self._private / "initrd.img"
         _write_initrd(initrd, self.assets, guest_files(spec, net))
@@ -584,7 +582,7 @@ class MicrovmSandbox:
             initrd = self._private / INITRD
             shutil.copyfile(checkpoint / INITRD, initrd)
             initrd.chmod(0o644)
-            ram, stream = self._open_state(checkpoint / STATE)
+            restore = self._open_state(checkpoint / STATE)
         except (OSError, ValueError, KeyError) as exc:
             raise SandboxError(f"the paused microVM's saved state is unreadable: {exc}") from exc
         self._initrd, self._card = initrd, card
@@ -592,13 +590,17 @@ class MicrovmSandbox:
                      "restored from its pause checkpoint")
         return qemu_args(self.assets, self.accel, initrd, self.socket_path, self.memory, vcpus,
                          (netdev or NULL_NETDEV) if card else None, TEMPLATE_MAC,
-                         self._disks, ram=(ram, checkpoint)
-                         ) + microvm_snapshot.incoming(stream)
+                         self._disks, restore=restore)
 
-    def _open_state(self, state: Path) -> tuple[int, int]:
+    def _open_state(self, state: Path) -> Restore:
         """Root opens the saved state; QEMU (unprivileged) only gets the descriptors."""
-        self._state_fds = tuple(os.open(state, os.O_RDONLY | os.O_CLOEXEC) for _ in range(2))
-        return self._state_fds[0], self._state_fds[1]
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._restore = Restore(fd, os.dup(fd), state.parent)
+        except OSError:
+            os.close(fd)
+            raise
+        return self._restore
 
     async def launch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -609,7 +611,7 @@ class MicrovmSandbox:
             preexec_fn=tap.enter_vmm(self.spec.netns, self.cgroup, self._uid,
                                      list(self.accel.groups)),
             start_new_session=True,
-            pass_fds=[fd for fd in (self._tap_fd, *self._state_fds,
+            pass_fds=[fd for fd in (self._tap_fd, *self._restore_fds(),
                                     *(fd for d in self._disks for fd in d.fds))
                       if fd is not None],
         )
@@ -771,13 +773,17 @@ class MicrovmSandbox:
         await loop.run_in_executor(None, self._teardown)
 
     def _close_fds(self) -> None:
-        for fd in (self._tap_fd, *self._state_fds, *(fd for d in self._disks for fd in d.fds)):
+        for fd in (self._tap_fd, *self._restore_fds(),
+                   *(fd for d in self._disks for fd in d.fds)):
             if fd is not None:
                 os.close(fd)
-        self._tap_fd = None
-        self._state_fds = ()
+        self._tap_fd = self._restore = None
         # Which disks it has stays known: a checkpoint's key names them.
         self._disks = [Disk(d.serial, (), d.read_only) for d in self._disks]
+
+    def _restore_fds(self) -> tuple[int, ...]:
+        r = self._restore
+        return () if r is None else (r.ram_fd, r.stream_fd)
 
     def _teardown(self) -> None:
         self._close_fds()

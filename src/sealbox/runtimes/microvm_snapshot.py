@@ -4,11 +4,12 @@ A cold boot under TCG takes seconds (kernel, init, Python importing the agent). 
 kernel, initramfs, /usr image, QEMU, accelerator and VM size, a *template* VM boots once to the
 point where ``guest/identity.py`` (guest root, agent already imported) waits on the agent port
 for its sandbox's identity; it is then stopped and saved with QMP ``migrate`` to a file. Each
-sandbox of that size starts a QEMU with the same device model plus ``-incoming fd:N`` and sends
-its identity (`identity_message`) over the port before the agent protocol starts.
+sandbox of that size starts a QEMU with the same device model restoring it (`memory_args`:
+the saved RAM mapped copy-on-write) and sends its identity (`identity_message`) over the port
+before the agent protocol starts.
 
-What restored VMs share: the template's kernel memory layout (KASLR offsets), MAC address and
-Python hash seed. What they do not: the kernel RNG (reseeded from host entropy before anything
+What restored VMs share: the template's kernel memory layout (KASLR offsets), MAC address,
+Python hash seed, and every memory page none of them has written. What they do not: the kernel RNG (reseeded from host entropy before anything
 of the sandbox runs), the clock, and every per-sandbox file, setting and address.
 """
 
@@ -54,7 +55,7 @@ _SETUP_FROM, _SETUP_TO = ". /.init/sandbox/config.sh\n", "cd /workspace\n"
 # Saved stopped, for a consistent state; without the run state in the stream a restored VM
 # starts running at once instead of staying paused like its source. Guest RAM is saved
 # mapped-ram: each page at a fixed offset in the state file, so a restore can map the file
-# (see `ram_backend`) instead of reading it.
+# (see `memory_args`) instead of reading it.
 SAVE_ARGS = ("-global", "migration.store-global-state=off", "-global", "migration.mapped-ram=on")
 # The guest RAM's memory backend: one name for every VM, since a restore matches RAM by name.
 RAM_ID = "sealbox-ram"
@@ -219,12 +220,6 @@ def save(qmp: Qmp, state: Path, deadline: float, memory: int) -> None:
     make_ram_image(state, memory)
 
 
-def incoming(state_fd: int) -> list[str]:
-    """QEMU's arguments to restore the saved state open (read-only) as STATE_FD."""
-    return ["-add-fd", f"fd={state_fd},set={STATE_FDSET}",
-            "-incoming", f"file:/dev/fdset/{STATE_FDSET}"]
-
-
 def make_ram_image(state: Path, memory: int) -> None:
     """Make the guest RAM in a mapped-ram STATE file an image restores map instead of load.
 
@@ -262,24 +257,36 @@ def make_ram_image(state: Path, memory: int) -> None:
     (state.parent / RAM_INFO).write_text(json.dumps({"offset": pages_at, "size": memory}))
 
 
-def ram_backend(memory: int, image: tuple[int, Path] | None = None) -> list[str]:
-    """QEMU's arguments for guest RAM: anonymous for a boot; for a restore, IMAGE = (an open
-    read-only descriptor of the saved state, its directory): the saved RAM mapped privately,
-    read-only on the host side, so no guest write ever reaches the file."""
-    if image is None:
-        backend = f"memory-backend-ram,id={RAM_ID},size={memory >> 20}M"
-    else:
-        fd, saved = image
-        try:
-            info = json.loads((saved / RAM_INFO).read_text())
-            offset = int(info["offset"])
-            if int(info["size"]) != memory:
-                raise ValueError(f"saved with {info['size']} bytes of RAM")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SandboxError(f"the saved VM's memory image is unusable: {exc}") from exc
-        backend = (f"memory-backend-file,id={RAM_ID},size={memory >> 20}M,"
-                   f"mem-path=/proc/self/fd/{fd},offset={offset},share=off,readonly=on,rom=off")
-    return ["-object", backend]
+@dataclass(frozen=True)
+class Restore:
+    """A saved state to restore, opened read-only by root, as two descriptors: QEMU maps one
+    (guest RAM) and reads the rest of the stream through the other (its fd set closes what it
+    is given)."""
+
+    ram_fd: int
+    stream_fd: int
+    dir: Path
+    """Where the state and its RAM_INFO are."""
+
+
+def memory_args(memory: int, restore: Restore | None = None) -> list[str]:
+    """QEMU's arguments for guest RAM: anonymous for a boot. For a RESTORE, the saved RAM
+    mapped privately and read-only on the host side (no guest write ever reaches the file),
+    and the rest of the saved stream as the incoming migration."""
+    if restore is None:
+        return ["-object", f"memory-backend-ram,id={RAM_ID},size={memory >> 20}M"]
+    try:
+        info = json.loads((restore.dir / RAM_INFO).read_text())
+        offset = int(info["offset"])
+        if int(info["size"]) != memory:
+            raise ValueError(f"saved with {info['size']} bytes of RAM")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SandboxError(f"the saved VM's memory image is unusable: {exc}") from exc
+    return ["-object", f"memory-backend-file,id={RAM_ID},size={memory >> 20}M,"
+                       f"mem-path=/proc/self/fd/{restore.ram_fd},offset={offset},share=off,"
+                       "readonly=on,rom=off",
+            "-add-fd", f"fd={restore.stream_fd},set={STATE_FDSET}",
+            "-incoming", f"file:/dev/fdset/{STATE_FDSET}"]
 
 
 @contextlib.contextmanager
